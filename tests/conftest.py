@@ -1,0 +1,52 @@
+"""Shared fixtures: small synthetic data and backdoored tiny models trained once per session."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+SMALL = dict(n_train=4000, n_test=1000)
+
+
+@pytest.fixture(scope="session")
+def small_data():
+    """(train, test) synthetic data, 4000/1000 images."""
+    from defense.data import load_dataset
+
+    return load_dataset("synthetic", **SMALL)
+
+
+_CACHE: dict = {}
+
+
+def backdoored_model(attack: str, epochs: int = 12, seed: int = 0, pratio: float = 0.1):
+    """A tiny_cnn trained on poisoned small synthetic data, cached per session.
+
+    Returns dict(model, poisoned, train, test, cfg); callers get a deep copy of the model.
+    """
+    from defense.data import load_dataset
+    from defense.trial import TrialConfig, make_poisoned, train_backdoored
+
+    key = (attack, epochs, seed, pratio)
+    if key not in _CACHE:
+        cfg = TrialConfig(attack=attack, seed=seed, pratio=pratio, epochs=epochs, dataset_params=SMALL, device="cpu")
+        train, test = load_dataset("synthetic", **SMALL)
+        poisoned = make_poisoned(cfg, train, test)
+        model, hist = train_backdoored(cfg, poisoned)
+        _CACHE[key] = dict(model=model, poisoned=poisoned, train=train, test=test, cfg=cfg, history=hist)
+    d = dict(_CACHE[key])
+    d["model"] = copy.deepcopy(d["model"])
+    return d
+
+
+@pytest.fixture(scope="session")
+def badnets_model():
+    return backdoored_model("badnets")
+
+
+@pytest.fixture(scope="session")
+def blended_model():
+    return backdoored_model("blended")
