@@ -120,6 +120,11 @@ def check_trial(cfg) -> list[str]:
     return problems
 
 
+from grid.grid_cli import register as _register_grid  # noqa: E402  (bdgrid run / validate / status)
+
+_register_grid(app)
+
+
 def main():  # pragma: no cover
     app()
 

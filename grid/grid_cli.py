@@ -1,0 +1,135 @@
+"""``bdgrid run``, ``bdgrid validate`` and ``bdgrid status``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(msg: str, code: int = 2):
+    err.print(f"[bold red]error:[/] {msg}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _load(spec_file: str, gpus: float | None):
+    """Parse + validate; on problems print every one (file:line: path: message) and exit 2."""
+    from grid.spec import load_spec
+    from grid.validate import validate
+
+    ls, problems = load_spec(spec_file)
+    if not problems:
+        problems = validate(ls, gpus_available=gpus)
+    if problems:
+        n = len(problems)
+        _fail(f"{n} problem{'s' if n > 1 else ''} in {spec_file}:\n  " + "\n  ".join(p.render(ls.file) for p in problems))
+    return ls
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def validate_cmd(
+    spec_file: str = typer.Argument(..., help="Grid spec (YAML)."),
+    gpus: Optional[float] = typer.Option(None, help="GPUs the cluster will have (default: this machine's)."),
+):
+    """Check a grid spec and report every problem with its line; exit 2 if there is any."""
+    from grid.plan import build_plan
+
+    ls = _load(spec_file, _local_gpus() if gpus is None else gpus)
+    plan = build_plan(ls)
+    c = plan.counts()
+    console.print(f"[green]ok[/]: {spec_file}: grid '{plan.grid}', {plan.cells} cells, "
+                  + ", ".join(f"{v} {k}" for k, v in c.items() if v) + " stages")
+
+
+def _out_dir(ls, out: str | None) -> Path:
+    return Path(out or ls.spec.out or f"runs/{ls.spec.name}")
+
+
+def run_cmd(
+    spec_file: str = typer.Argument(..., help="Grid spec (YAML)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder (default: the spec's 'out', else runs/<name>)."),
+    address: Optional[str] = typer.Option(None, help="Join a Ray cluster: 'auto' (the one on this node) or ray://host:10001. "
+                                                     "Default: start a local Ray bounded to this machine's cores."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (cells, stages per kind, done/to run) and stop."),
+    num_cpus: Optional[int] = typer.Option(None, help="Local mode: CPUs Ray may use (default: all cores)."),
+    gpu_check: bool = typer.Option(True, "--gpu-check/--no-gpu-check",
+                                   help="Refuse GPU stages when the cluster has no GPU now (turn off for autoscaling GPU workers)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress bar."),
+):
+    """Run a grid: every cell's backdoored model once, every defense on it, every evaluation.
+    Resumes by default: finished stages are skipped, failed ones retried."""
+    from grid.plan import build_plan
+    from grid.run import connect, cluster_gpus, execute_plan, needed_stages, paper_table
+    from grid.store import ArtifactStore
+    from grid.validate import validate
+
+    ls = _load(spec_file, None)
+    out_dir = _out_dir(ls, out)
+    if dry_run:
+        plan = build_plan(ls)
+        store = ArtifactStore(ls.spec.artifacts or out_dir.resolve() / "artifacts")
+        need, done, corrupt = needed_stages(plan, store, out_dir)
+        t = Table(title=f"plan of grid '{plan.grid}': {plan.cells} cells -> {out_dir}")
+        for col in ("stage", "total", "done", "to run"):
+            t.add_column(col, justify="left" if col == "stage" else "right")
+        for kind, n in plan.counts().items():
+            if n:
+                keys = [s.key for s in plan.of_kind(kind)]
+                t.add_row(kind, str(n), str(sum(k in done for k in keys)), str(sum(k in need for k in keys)))
+        console.print(t)
+        if corrupt:
+            console.print(f"[yellow]{len(corrupt)} corrupt artifact(s) deleted; they will be recomputed[/]")
+        return
+    try:
+        started = connect(address, num_cpus)
+    except (ConnectionError, ValueError) as e:
+        _fail(str(e))
+    try:
+        if gpu_check:
+            problems = [p for p in validate(ls, gpus_available=cluster_gpus()) if p.path[:1] == ("resources",)]
+            if problems:
+                _fail("\n  ".join(p.render(ls.file) for p in problems))
+        res = execute_plan(ls, out_dir, show_progress=not quiet, console=console)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    s = res.plan.counts()
+    console.print(f"grid '{res.plan.grid}': {res.plan.cells} cells, {sum(s.values())} stages: "
+                  f"{len(res.done)} run, {len(res.cached)} already done, {len(res.failed)} failed, "
+                  f"{len(res.skipped)} skipped, in {res.wall_s:.1f}s -> {res.out}")
+    if res.recomputed_corrupt:
+        console.print(f"[yellow]recomputed {len(res.recomputed_corrupt)} corrupt artifact(s)[/]")
+    for key, e in res.failed.items():
+        console.print(f"[red]failed[/] {res.plan.stages[key].label}: {e} "
+                      f"(traceback: {res.out / 'failures' / (res.plan.stages[key].kind + '-' + key + '.txt')})")
+    console.print(paper_table(res.out, res.plan), highlight=False, markup=False)
+    if not res.ok:
+        raise typer.Exit(1)
+
+
+def status_cmd(out: str = typer.Option(..., "--out", "-o", help="The output folder of a running or finished grid.")):
+    """Show a grid's progress from disk (works from another terminal while it runs)."""
+    from grid.status import read_state, render
+
+    st = read_state(out)
+    if st is None:
+        _fail(f"no grid state in {out} (expected {Path(out) / 'state.json'}; has `bdgrid run` started there?)")
+    render(st, console)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run_cmd)
+    app.command("validate")(validate_cmd)
+    app.command("status")(status_cmd)
