@@ -124,6 +124,11 @@ from grid.grid_cli import register as _register_grid  # noqa: E402  (bdgrid run 
 
 _register_grid(app)
 
+from results.results_cli import plot as _plot, table as _table  # noqa: E402  (bdgrid table / plot)
+
+app.command("table")(_table)
+app.command("plot")(_plot)
+
 
 def main():  # pragma: no cover
     app()

@@ -442,8 +442,11 @@ def render(df: pd.DataFrame, fmt: str = "md", metrics: Sequence[str] = ("acc", "
         if fmt == "csv":
             return pivot_csv(p), p.notes
         t = to_text_table(p)
-    if not t.body:
-        t.notes = t.notes or ["No results."]
+    if not t.body:  # nothing selected: say so in the format's own way, no empty table
+        notes = t.notes or ["No results."]
+        text = {"md": "\n".join(f"- {n}" for n in notes), "latex": "\n".join(f"% {n}" for n in notes),
+                "html": "\n".join(f"<p>{html.escape(n)}</p>" for n in notes)}[fmt]
+        return text + "\n", notes
     return {"md": text_markdown, "latex": text_latex, "html": text_html}[fmt](t), t.notes
 
 

@@ -1,0 +1,90 @@
+"""``bdgrid table`` and ``bdgrid plot``: paper tables and figures from a run directory."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+FORMATS = ("md", "latex", "csv", "html")
+
+
+def _fail(msg: str, code: int = 2):
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _filters(items):
+    from results.tables import parse_filters
+
+    try:
+        return parse_filters(items)
+    except ValueError as e:
+        _fail(str(e))
+
+
+def table(
+    out: Path = typer.Option(..., "--out", help="Run directory (holds results/*.parquet)."),
+    fmt: str = typer.Option("md", "--format", "-f", help="md, latex (booktabs), csv (tidy: one line per cell and metric) or html."),
+    metrics: str = typer.Option("acc,asr,der", help="Comma-separated: acc, asr, ra, der, bd_acc, bd_asr, bd_ra."),
+    rows: str = typer.Option("attack", help="Column(s) for the table rows, comma-separated (e.g. attack,pratio)."),
+    cols: str = typer.Option("defense", help="Column(s) for the table columns, comma-separated."),
+    filter_: Optional[List[str]] = typer.Option(None, "--filter", help="column=value[,value] (repeatable), e.g. dataset=cifar10."),
+    split: str = typer.Option("test", help="Which split to report: test (reported) or val (tuning)."),
+    digits: int = typer.Option(1, help="Decimals of the percentages."),
+    seeds: Optional[int] = typer.Option(None, help="Seeds asked per cell; cells with fewer show (n=k). Default: the most any cell has."),
+    compare: Optional[str] = typer.Option(None, help="Show ours beside published numbers: backdoorbench."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the table to this file instead of stdout."),
+):
+    """Attack x defense table of mean ± std over seeds (in %), best defense per row in bold."""
+    from results.reader import load
+    from results.tables import render
+
+    if fmt not in FORMATS:
+        _fail(f"unknown format '{fmt}'; valid: {', '.join(FORMATS)}")
+    if not (out / "results").is_dir():
+        _fail(f"no results in {out} (expected {out / 'results'}/*.parquet)")
+    df = load(out)
+    try:
+        text, notes = render(df, fmt, metrics=metrics, rows=rows, cols=cols, filters=_filters(filter_), split=split,
+                             digits=digits, compare_with=compare, expected_n=seeds)
+    except ValueError as e:
+        _fail(str(e))
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
+        typer.echo(f"wrote {output}", err=True)
+    else:
+        sys.stdout.write(text)
+    if fmt == "csv" or output:
+        for n in notes:  # md/latex/html carry their notes inside the text
+            typer.echo(f"note: {n}", err=True)
+    if notes and notes[0].startswith("No results"):
+        raise typer.Exit(1)
+
+
+def plot(
+    out: Path = typer.Option(..., "--out", help="Run directory (holds results/ and curves/)."),
+    kind: str = typer.Option(..., "--kind", help="acc-asr, tsbd-n or curves."),
+    dest: Optional[Path] = typer.Option(None, help="Folder for the PNG and PDF (default <out>/figures)."),
+    filter_: Optional[List[str]] = typer.Option(None, "--filter", help="column=value[,value] (repeatable)."),
+    split: str = typer.Option("test", help="Split for acc-asr and tsbd-n."),
+    metric: Optional[List[str]] = typer.Option(None, "--metric", help="curves: only these metrics (repeatable)."),
+):
+    """Draw a figure (PNG at 300 dpi and PDF) from a run directory."""
+    from results.plots import KINDS, NothingToPlot
+    from results.plots import plot as draw
+
+    if kind not in KINDS:
+        _fail(f"unknown plot kind '{kind}'; valid: {', '.join(KINDS)}")
+    if not out.is_dir():
+        _fail(f"no run directory {out}")
+    try:
+        paths = draw(out, kind, dest, _filters(filter_), split, metric)
+    except NothingToPlot as e:
+        _fail(f"{e} in {out}", code=1)
+    except ValueError as e:
+        _fail(str(e))
+    for p in paths:
+        typer.echo(str(p))
