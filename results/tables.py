@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import html
 import io
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -86,7 +87,8 @@ def _as_list(v: str | Sequence[str]) -> list[str]:
 
 
 def parse_filters(items: Iterable[str] | None) -> dict[str, list[str]]:
-    """``["dataset=cifar10", "attack=badnets,blended"]`` -> {column: allowed values}."""
+    """``["dataset=cifar10", "attack=badnets,blended", "params.n=0.1"]`` -> {column: allowed values}
+    (``params.KEY`` selects on a key of the JSON params)."""
     out: dict[str, list[str]] = {}
     for it in items or []:
         if "=" not in it:
@@ -119,6 +121,12 @@ def select(df: pd.DataFrame, filters: dict[str, list[str]] | None = None, split:
     if split is not None and "split" in df.columns:
         df = df[df["split"].fillna("test").astype(str) == split]
     for col, allowed in (filters or {}).items():
+        head, _, sub = col.partition(".")
+        if sub and head in ("params", "attack_params", "extra") and head in df.columns and col not in df.columns:
+            # params.n=0.1: a key inside the JSON column (the defense's neuron ratio, say)
+            vals = df[head].map(lambda s: json.loads(s).get(sub) if isinstance(s, str) and s.startswith("{") else None)
+            df = df[_matches(vals, allowed)]
+            continue
         if col not in df.columns:
             raise ValueError(f"cannot filter on '{col}': no such column; columns: {', '.join(map(str, df.columns))}")
         df = df[_matches(df[col], allowed)]
