@@ -130,6 +130,11 @@ app.command("table")(_table)
 app.command("plot")(_plot)
 
 
+from grid.tune_cli import tune as _tune  # noqa: E402
+
+app.command("tune")(_tune)
+
+
 def main():  # pragma: no cover
     app()
 
