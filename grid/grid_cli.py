@@ -114,7 +114,7 @@ def run_cmd(
     for key, e in res.failed.items():
         console.print(f"[red]failed[/] {res.plan.stages[key].label}: {e} "
                       f"(traceback: {res.out / 'failures' / (res.plan.stages[key].kind + '-' + key + '.txt')})")
-    console.print(paper_table(res.out, res.plan), highlight=False, markup=False)
+    print(paper_table(res.out, res.plan))  # plain print: rich would re-wrap the Markdown lines
     if not res.ok:
         raise typer.Exit(1)
 

@@ -1,0 +1,361 @@
+"""Grid spec: YAML -> pydantic models, with the line number of every value kept for messages.
+
+A spec names the axes of a grid (datasets x archs x attacks x pratios x seeds, then every
+defense config on every cell), the training recipe, per-stage Ray resources, retries and
+where outputs go. ``load_spec`` parses it (``yaml.safe_load`` semantics: ``yaml.compose``
+builds the node tree from which we read both values and lines) and returns the model plus
+every *structural* problem; ``grid.validate`` adds the semantic ones (names, parameters,
+ranges, duplicates, roots, GPUs). ``expand`` turns a valid spec into cells.
+
+Reference: examples/quickstart.yaml and the README's grid section list every field.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from defense.registry import did_you_mean
+
+STAGE_KINDS = ("data", "resource", "attack", "prepare", "defense", "eval")
+CELL_AXES = ("dataset", "arch", "attack", "pratio", "seed")
+
+
+# ----------------------------------------------------------------------------- problems
+
+@dataclass(frozen=True)
+class Problem:
+    path: tuple  # YAML path, e.g. ("attacks", 1, "name")
+    msg: str
+    line: int | None = None  # 1-based
+
+    def render(self, file: str = "spec") -> str:
+        where = f"{file}:{self.line}" if self.line else file
+        loc = path_str(self.path)
+        return f"{where}: {loc + ': ' if loc else ''}{self.msg}"
+
+
+def path_str(path: tuple) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+class SpecError(Exception):
+    """A spec with problems; ``problems`` lists every one (each rendered with file and line)."""
+
+    def __init__(self, problems: list[Problem], file: str = "spec"):
+        self.problems, self.file = problems, file
+        super().__init__("\n".join(p.render(file) for p in problems))
+
+
+# ----------------------------------------------------------------------------- models
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StageResources(_Strict):
+    cpus: float = Field(1.0, gt=0, description="Ray num_cpus of each task of this stage (also its torch threads)")
+    gpus: float = Field(0.0, ge=0, description="Ray num_gpus, fractional allowed so small trials share a GPU")
+
+
+def _res(cpus: float = 1.0, gpus: float = 0.0) -> Any:
+    return Field(default_factory=lambda: StageResources(cpus=cpus, gpus=gpus))
+
+
+class Resources(_Strict):
+    data: StageResources = _res()
+    resource: StageResources = _res()
+    attack: StageResources = _res()
+    prepare: StageResources = _res()
+    defense: StageResources = _res()
+    eval: StageResources = _res()
+
+
+class DatasetSpec(_Strict):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    root: str | None = None  # folder with the standard files (not needed for synthetic)
+
+
+class AttackSpec(_Strict):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class DefenseSpec(_Strict):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    # {param: [v1, v2, ...]}: one defense config per value (product over several params);
+    # for a defense with ``shared=`` params (TSBD) the shared prepare stage is computed once.
+    sweep: dict[str, list[Any]] = Field(default_factory=dict)
+    # YAML written by `bdgrid tune`: {defense: name, params: {...}}; explicit params win.
+    params_from: str | None = None
+    label: str | None = None  # name shown in tables (default: the defense name)
+
+
+def _named(v: Any) -> Any:
+    """``- badnets`` is shorthand for ``- {name: badnets}``."""
+    return {"name": v} if isinstance(v, str) else v
+
+
+class GridSpec(_Strict):
+    name: str = "grid"
+    datasets: list[DatasetSpec]
+    archs: list[str]
+    attacks: list[AttackSpec]
+    pratios: list[float] = Field(default_factory=lambda: [0.1])  # BackdoorBench default rate
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    defenses: list[DefenseSpec] = Field(default_factory=lambda: [DefenseSpec(name="none")])
+    target: int = 0  # all-to-one target class (BackdoorBench default 0)
+    recipe: str = "paper"
+    epochs: int | None = None  # override the recipe's attack-training epochs
+    defender_ratio: float = 0.05  # BackdoorBench: the defender holds 5% of the clean train set
+    val_ratio: float = 0.2  # part of the test set held out for tuning; not reported
+    resources: Resources = Field(default_factory=Resources)
+    retries: int = Field(2, ge=0, description="retries of a stage after an exception or a dead worker")
+    timeout: float | None = Field(None, gt=0, description="seconds per stage attempt; none = no limit")
+    out: str | None = None  # output folder (the CLI's --out wins)
+    artifacts: str | None = None  # artifact root URI (default <out>/artifacts)
+    include: list[dict[str, Any]] = Field(default_factory=list)
+    exclude: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("datasets", "attacks", "defenses", mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        return [_named(x) for x in v] if isinstance(v, list) else v
+
+
+# ----------------------------------------------------------------------------- YAML with lines
+
+def _walk(node: yaml.Node, path: tuple, lines: dict, loader: yaml.SafeLoader) -> Any:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out = {}
+        for k, v in node.value:
+            key = loader.construct_object(k, deep=True)
+            out[key] = _walk(v, path + (key,), lines, loader)
+            lines.setdefault(path + (key,), k.start_mark.line + 1)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_walk(v, path + (i,), lines, loader) for i, v in enumerate(node.value)]
+    return loader.construct_object(node, deep=True)
+
+
+def parse_yaml(text: str) -> tuple[Any, dict[tuple, int]]:
+    """Safe-load ``text``; also return {path: 1-based line} for every value."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        lines: dict[tuple, int] = {}
+        data = _walk(node, (), lines, loader) if node is not None else None
+    finally:
+        loader.dispose()
+    return data, lines
+
+
+def line_of(lines: dict[tuple, int], path: tuple) -> int | None:
+    for i in range(len(path), -1, -1):
+        if path[:i] in lines:
+            return lines[path[:i]]
+    return None
+
+
+def _pydantic_problems(e: ValidationError, lines: dict) -> list[Problem]:
+    out = []
+    fields = list(GridSpec.model_fields)
+    for err in e.errors():
+        path = tuple(err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            name = path[-1]
+            parent = path[:-1]
+            valid = _valid_keys(parent) or fields
+            msg = f"unknown field '{name}'{did_you_mean(str(name), valid)}; valid: {', '.join(valid)}"
+        elif err["type"] == "missing":
+            msg = f"required field '{path[-1]}' is missing"
+        elif "input" in err and err["type"] not in ("missing",):
+            msg = f"{msg}, got {err['input']!r}"
+        out.append(Problem(path, msg, line_of(lines, path)))
+    return out
+
+
+def _valid_keys(parent: tuple) -> list[str]:
+    """Field names of the model at ``parent`` (for did-you-mean on unknown keys)."""
+    model: Any = GridSpec
+    for p in parent:
+        if isinstance(p, int):
+            continue
+        f = getattr(model, "model_fields", {}).get(p)
+        if f is None:
+            return []
+        ann = f.annotation
+        args = getattr(ann, "__args__", ())
+        model = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+@dataclass
+class LoadedSpec:
+    spec: GridSpec | None
+    lines: dict[tuple, int]
+    file: str
+    base_dir: Path  # relative paths in the spec (params_from, roots) are relative to this
+    text: str
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the spec's canonical JSON (formatting and comments do not change it)."""
+        if self.spec is None:
+            return ""
+        blob = json.dumps(self.spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_spec(path: str | Path) -> tuple[LoadedSpec, list[Problem]]:
+    """Parse a spec file; return it and its structural problems (empty when it parsed)."""
+    p = Path(path)
+    if not p.exists():
+        return LoadedSpec(None, {}, str(p), Path("."), ""), [Problem((), f"spec file not found: {p}")]
+    text = p.read_text()
+    return parse_spec(text, str(p), p.resolve().parent)
+
+
+def parse_spec(text: str, file: str = "spec", base_dir: Path | None = None) -> tuple[LoadedSpec, list[Problem]]:
+    base = base_dir or Path(".")
+    try:
+        data, lines = parse_yaml(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        return LoadedSpec(None, {}, file, base, text), [
+            Problem((), f"not valid YAML: {getattr(e, 'problem', None) or e}", mark.line + 1 if mark else None)]
+    if not isinstance(data, dict):
+        return LoadedSpec(None, lines, file, base, text), [
+            Problem((), "a spec is a YAML mapping with at least datasets, archs, attacks", 1)]
+    try:
+        spec = GridSpec.model_validate(data)
+    except ValidationError as e:
+        return LoadedSpec(None, lines, file, base, text), _pydantic_problems(e, lines)
+    return LoadedSpec(spec, lines, file, base, text), []
+
+
+# ----------------------------------------------------------------------------- expansion
+
+def canon(obj: Any) -> str:
+    """Canonical JSON: the one way a config is written into keys and result rows."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+@dataclass(frozen=True)
+class DefenseConfig:
+    name: str
+    params: tuple  # sorted (k, v) items of the user's params (params_from < params < sweep point)
+    label: str
+    where: tuple  # YAML path of the defense entry
+
+    @property
+    def params_dict(self) -> dict:
+        return dict(self.params)
+
+
+@dataclass(frozen=True)
+class Cell:
+    dataset: int  # index into spec.datasets
+    arch: str
+    attack: int  # index into spec.attacks
+    pratio: float
+    seed: int
+
+
+def read_params_from(ls: LoadedSpec, d: DefenseSpec) -> tuple[dict, str | None]:
+    """Tuned params from ``params_from`` (``{defense: name, params: {...}}``); (params, problem)."""
+    if not d.params_from:
+        return {}, None
+    p = Path(d.params_from)
+    if not p.is_absolute():
+        p = ls.base_dir / p
+    if not p.exists():
+        return {}, f"params_from file not found: {p}"
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        return {}, f"params_from {p} is not valid YAML: {e}"
+    if not isinstance(doc, dict) or not isinstance(doc.get("params", {}), dict):
+        return {}, f"params_from {p} must be a mapping {{defense: name, params: {{...}}}}"
+    if doc.get("defense") not in (None, d.name):
+        return {}, f"params_from {p} holds params for defense '{doc.get('defense')}', not '{d.name}'"
+    return dict(doc.get("params") or {}), None
+
+
+def defense_configs(ls: LoadedSpec) -> list[DefenseConfig]:
+    """Every defense config: each entry, times the product of its sweep values."""
+    import itertools
+
+    out = []
+    for i, d in enumerate(ls.spec.defenses):
+        base, _ = read_params_from(ls, d)
+        base.update(d.params)
+        keys = sorted(d.sweep)
+        for combo in itertools.product(*(d.sweep[k] for k in keys)) if keys else [()]:
+            params = dict(base)
+            params.update(zip(keys, combo))
+            label = d.label or d.name
+            out.append(DefenseConfig(d.name, tuple(sorted(params.items(), key=lambda kv: kv[0])), label,
+                                     ("defenses", i)))
+    return out
+
+
+def _matches(entry: dict, spec: GridSpec, cell: Cell, defense: DefenseConfig | None = None) -> bool:
+    for k, v in entry.items():
+        if k == "dataset" and spec.datasets[cell.dataset].name != v:
+            return False
+        if k == "arch" and cell.arch != v:
+            return False
+        if k == "attack" and spec.attacks[cell.attack].name != v:
+            return False
+        if k == "pratio" and not (isinstance(v, (int, float)) and abs(cell.pratio - float(v)) < 1e-12):
+            return False
+        if k == "seed" and cell.seed != v:
+            return False
+        if k == "defense" and (defense is None or v not in (defense.name, defense.label)):
+            return False
+    return True
+
+
+def expand(ls: LoadedSpec) -> list[tuple[Cell, list[DefenseConfig]]]:
+    """Cells of the grid (product of the axes, plus ``include``, minus ``exclude``), each with the
+    defense configs to run on it. Order is deterministic (spec order)."""
+    import itertools
+
+    s = ls.spec
+    cells = [Cell(d, a, k, p, sd) for d, a, k, p, sd in itertools.product(
+        range(len(s.datasets)), s.archs, range(len(s.attacks)), s.pratios, s.seeds)]
+    for inc in s.include:
+        axes = {
+            "dataset": [i for i, d in enumerate(s.datasets) if "dataset" not in inc or d.name == inc["dataset"]],
+            "arch": [inc["arch"]] if "arch" in inc else s.archs,
+            "attack": [i for i, a in enumerate(s.attacks) if "attack" not in inc or a.name == inc["attack"]],
+            "pratio": [float(inc["pratio"])] if "pratio" in inc else s.pratios,
+            "seed": [int(inc["seed"])] if "seed" in inc else s.seeds,
+        }
+        for d, a, k, p, sd in itertools.product(*axes.values()):
+            c = Cell(d, a, k, p, sd)
+            if c not in cells:
+                cells.append(c)
+    defs = defense_configs(ls)
+    out = []
+    for c in cells:
+        if any(set(e) <= set(CELL_AXES) and _matches(e, s, c) for e in s.exclude):
+            continue
+        keep = [d for d in defs if not any("defense" in e and _matches(e, s, c, d) for e in s.exclude)]
+        out.append((c, keep))
+    return out

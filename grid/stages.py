@@ -1,0 +1,268 @@
+"""The stage functions: plain calls into ``defense/`` that read their parents' artifacts from the
+store and write their own. No Ray here: ``grid.run`` wraps ``execute`` in one Ray task per stage,
+and ``bench/grid_overhead.py`` calls it in a plain loop.
+
+What each stage stores (``grid.store``, torch.save / weights_only loads):
+
+- ``data``: nothing; it returns the dataset as numpy arrays, which Ray puts in the object store
+  once and hands to every dependent task (zero-copy reads on the same node).
+- ``resource``: a done-marker; the resources themselves live in ``defense.resources.ResourceCache``
+  under the store's resource folder, where the attack stages find them.
+- ``attack``: the backdoored model's weights, poison indices, the backdoor test set (images,
+  source indices, true labels), its training history and its before-defense metrics on both
+  the reported test split and the validation split.
+- ``prepare``: the defense's shared preparation (TSBD Stages 1a/1b).
+- ``defense``: the purified weights, diagnostics and curves.
+- ``eval``: nothing in the store; its result rows (one per split) and curves go to
+  ``results.write_stage``, and their presence marks the stage done.
+
+Every executed stage appends one line to ``<out>/executed.log`` (kind, key, pid, seconds): the
+tests count recomputation with it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from grid.plan import Stage
+from grid.store import ArtifactStore
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _torch_setup(stage: Stage):
+    import torch
+
+    # one torch thread per CPU Ray gave the task: tasks packed on a node must not oversubscribe it
+    torch.set_num_threads(max(1, int(stage.cpus)))
+    dev = "cuda" if stage.gpus > 0 and torch.cuda.is_available() else "cpu"
+    return torch, dev
+
+
+def _data_from(arrays: dict):
+    import torch
+
+    from defense.data import Data
+
+    with warnings.catch_warnings():  # object-store arrays are read-only; nothing writes into them
+        warnings.simplefilter("ignore", UserWarning)
+        tr = Data(torch.from_numpy(arrays["train_x"]), torch.from_numpy(arrays["train_y"]), arrays["info"])
+        te = Data(torch.from_numpy(arrays["test_x"]), torch.from_numpy(arrays["test_y"]), arrays["info"])
+    return tr, te
+
+
+def _model(arch: str, info, state: dict | None = None):
+    from defense.models import create_model
+
+    m = create_model(arch, num_classes=info.num_classes, in_channels=info.channels, image_size=info.size)
+    if state is not None:
+        m.load_state_dict(state)
+    return m
+
+
+def _state(model) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _split_metrics(model, test, bd_x, bd_idx, bd_true, idx, target, device) -> dict:
+    """ACC/ASR/RA on the test images at ``idx`` and the backdoor images made from them."""
+    import torch
+
+    from defense.data import Data
+    from defense.metrics import attack_metrics
+
+    keep = torch.nonzero(torch.isin(bd_idx, idx)).flatten()
+    bd = Data(bd_x[keep], torch.full((len(keep),), target, dtype=torch.long), test.info)
+    model.to(device)
+    return attack_metrics(model, test.subset(idx).to(device), bd.to(device), bd_true[keep].to(device), target)
+
+
+def _log(out: str, stage: Stage, seconds: float) -> None:
+    line = f"{stage.kind} {stage.key} {os.getpid()} {seconds:.3f}\n"
+    fd = os.open(Path(out) / "executed.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())  # one small O_APPEND write: lines from parallel workers never interleave
+    finally:
+        os.close(fd)
+
+
+def _test_kill_once(stage: Stage, env: dict) -> None:
+    """Test-only fault injection: BDGRID_TEST_KILL_ONCE=<kind> makes the first worker that runs a
+    stage of that kind die abruptly (os._exit, as an OOM kill would), once per output folder."""
+    kind = env.get("kill_once")
+    if kind and kind == stage.kind:
+        marker = Path(env["out"]) / f".killed-{kind}"
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        os._exit(17)
+
+
+# ----------------------------------------------------------------------------- stages
+
+def run_data(stage: Stage, env: dict) -> dict:
+    """Load the dataset once; returned as numpy arrays so Ray shares them through its object store."""
+    from defense.data import load_dataset
+
+    root = stage.run.get("root")
+    if root is not None and not Path(root).expanduser().is_absolute() and not Path(root).exists():
+        root = str(Path(stage.run.get("base_dir", ".")) / root)
+    train, test = load_dataset(stage.config["dataset"], root, **stage.config["params"])
+    return {"train_x": train.x.numpy(), "train_y": train.y.numpy(), "test_x": test.x.numpy(),
+            "test_y": test.y.numpy(), "info": train.info}
+
+
+def _trial_cfg(c: dict, dataset: str, device: str):
+    from defense.trial import TrialConfig
+
+    return TrialConfig(dataset=dataset, arch=c["arch"], attack=c["attack"], pratio=c["pratio"], target=c["target"],
+                       seed=c["seed"], attack_params=c["attack_params"], recipe=c["recipe"]["name"],
+                       epochs=c["recipe"]["epochs"], val_ratio=c.get("val_ratio", 0.2), device=device)
+
+
+def _resources(store: ArtifactStore):
+    try:
+        from defense.resources import ResourceCache
+    except ImportError:  # pragma: no cover - attacks without resources still run
+        return None
+    return ResourceCache(store.resource_dir())
+
+
+def run_resource(stage: Stage, data: dict, store: ArtifactStore, env: dict) -> dict:
+    """Build the attack's upstream resources into the shared cache (the attack stages then hit it)."""
+    from defense.trial import make_poisoned
+
+    _, dev = _torch_setup(stage)
+    train, test = _data_from(data)
+    c = dict(stage.config, pratio=stage.run["pratio"], seed=stage.run["seed"])
+    make_poisoned(_trial_cfg(c, train.info.name, dev), train, test, resources=_resources(store))
+    store.put("resource", stage.key, {"done": True})
+    return {}
+
+
+def run_attack(stage: Stage, data: dict, store: ArtifactStore, env: dict) -> dict:
+    """Poison, train the backdoored model, and measure it before any defense."""
+    from defense.data.splits import val_test_indices
+    from defense.trial import make_poisoned, train_backdoored
+
+    torch, dev = _torch_setup(stage)
+    c = stage.config
+    t0 = time.perf_counter()
+    train, test = _data_from(data)
+    cfg = _trial_cfg(c, train.info.name, dev)
+    poisoned = make_poisoned(cfg, train, test, resources=_resources(store))
+    model, hist = train_backdoored(cfg, poisoned)
+    bd, bd_idx, bd_true = poisoned.backdoor_test(model)
+    bd_x, bd_idx, bd_true = bd.x.cpu(), bd_idx.cpu(), bd_true.cpu()
+    val_idx, test_idx = val_test_indices(len(test), c["val_ratio"], seed=0)
+    metrics = {name: _split_metrics(model, test, bd_x, bd_idx, bd_true, idx, c["target"], dev)
+               for name, idx in (("test", test_idx), ("val", val_idx))}
+    wall = time.perf_counter() - t0
+    store.put("attack", stage.key, {
+        "state": _state(model), "poison_idx": poisoned.poison_idx.cpu(), "bd_x": bd_x, "bd_idx": bd_idx,
+        "bd_true": bd_true, "metrics": metrics, "history": json.dumps(hist), "wall_s": wall, "device": dev})
+    return {"metrics": metrics}
+
+
+def _clean(train, c: dict):
+    from defense.data.splits import defender_subset
+
+    return defender_subset(train, c["defender_ratio"], c["seed"])[0]
+
+
+def run_prepare(stage: Stage, data: dict, store: ArtifactStore, env: dict) -> dict:
+    """A defense's expensive shared part (TSBD Stages 1a/1b), once per distinct shared params."""
+    from defense.methods import DEFENSES, DefenseContext
+
+    torch, dev = _torch_setup(stage)
+    train, _ = _data_from(data)
+    atk = store.get("attack", stage.parents[1])
+    entry = DEFENSES.get(stage.config["defense"])
+    model = _model(stage.info["arch"], train.info, atk["state"]).to(dev)
+    ctx = DefenseContext(device=dev, seed=stage.config["seed"], target=stage.info.get("target"))
+    prepared = entry.meta["prepare"](model, _clean(train, stage.config).to(dev), entry.make_params(stage.run["params"]), ctx)
+    store.put("prepare", stage.key, {"prepared": prepared})
+    return {}
+
+
+def run_defense_stage(stage: Stage, data: dict, store: ArtifactStore, env: dict) -> dict:
+    from defense.methods import DefenseContext, run_defense
+
+    torch, dev = _torch_setup(stage)
+    c = stage.config
+    t0 = time.perf_counter()
+    train, _ = _data_from(data)
+    atk = store.get("attack", stage.parents[1])
+    prepared = store.get("prepare", stage.parents[2])["prepared"] if len(stage.parents) > 2 else None
+    model = _model(stage.info["arch"], train.info, atk["state"]).to(dev)
+    ctx = DefenseContext(device=dev, seed=c["seed"], target=stage.info.get("target"), prepared=prepared)
+    res = run_defense(c["defense"], model, _clean(train, c).to(dev), c["params"], ctx)
+    wall = time.perf_counter() - t0
+    store.put("defense", stage.key, {"state": _state(res.model), "diagnostics": json.dumps(res.diagnostics, default=str),
+                                     "curves": json.dumps(res.curves, default=str), "wall_s": wall, "device": dev})
+    return {}
+
+
+def _curve_rows(ident: dict, rows: list[dict], phase_default: str) -> list[dict]:
+    """Wide per-epoch dicts -> long rows (phase, epoch, metric, value) with the identity columns."""
+    out = []
+    for i, r in enumerate(rows):
+        phase, epoch = r.get("phase", phase_default), r.get("epoch", i + 1)
+        for k, v in r.items():
+            if k in ("phase", "epoch") or not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            out.append({**ident, "phase": phase, "epoch": int(epoch), "metric": k, "value": float(v)})
+    return out
+
+
+def run_eval(stage: Stage, data: dict, store: ArtifactStore, env: dict) -> dict:
+    """Score the (purified) model on the reported test split and the validation split; write the
+    result rows (one per split) and the curves. Only this stage writes result rows."""
+    import results
+    from defense.data.splits import val_test_indices
+    from defense.metrics import der
+
+    torch, dev = _torch_setup(stage)
+    t0 = time.time()
+    _, test = _data_from(data)
+    atk = store.get("attack", stage.parents[1])
+    defended = stage.config["defense"] != "none"
+    src = store.get("defense", stage.parents[2]) if defended else atk
+    model = _model(stage.info["arch"], test.info, src["state"])
+    val_idx, test_idx = val_test_indices(len(test), stage.config["val_ratio"], seed=0)
+    ident = {k: v for k, v in stage.info.items() if k != "defense_name"}
+    base = {**ident, "grid": env.get("grid"), "spec_hash": env.get("spec_hash"), "device": src.get("device", dev),
+            "wall_s": float(src.get("wall_s", 0.0)), "defense_name": stage.info.get("defense_name", "none")}
+    rows = []
+    for split, idx in (("test", test_idx), ("val", val_idx)):
+        before = atk["metrics"][split]
+        after = (_split_metrics(model, test, atk["bd_x"], atk["bd_idx"], atk["bd_true"], idx, ident["target"], dev)
+                 if defended else before)
+        rows.append({**base, "split": split, **after, "der": der(before["acc"], before["asr"], after["acc"], after["asr"]),
+                     "bd_acc": before["acc"], "bd_asr": before["asr"], "bd_ra": before["ra"],
+                     "started_at": t0, "ended_at": time.time()})
+    curves = (_curve_rows(base, json.loads(src["curves"]), "defense") if defended
+              else _curve_rows(base, json.loads(atk["history"]), "attack"))
+    if curves:
+        results.write_stage(env["out"], "eval", stage.key, curves, table="curves")
+    results.write_stage(env["out"], "eval", stage.key, rows)  # last: its presence marks the stage done
+    return {"rows": len(rows)}
+
+
+RUNNERS = {"resource": run_resource, "attack": run_attack, "prepare": run_prepare,
+           "defense": run_defense_stage, "eval": run_eval}
+
+
+def execute(stage: Stage, data: Any, store: ArtifactStore, env: dict) -> Any:
+    """Run one stage (in a Ray worker or in-process); ``data`` is the data stage's output."""
+    _test_kill_once(stage, env)
+    t0 = time.perf_counter()
+    out = run_data(stage, env) if stage.kind == "data" else RUNNERS[stage.kind](stage, data, store, env)
+    _log(env["out"], stage, time.perf_counter() - t0)
+    return out

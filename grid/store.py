@@ -1,0 +1,116 @@
+"""Content-addressed artifact store under a root URI (``pyarrow.fs``: a local folder by default,
+``s3://``, ``gs://``, ``hdfs://`` on a cluster).
+
+Layout: ``<root>/<stage kind>/<key[:2]>/<key>.bdg``. Each file is a small header (magic +
+sha256 of the payload) followed by the payload, so the checksum travels with the artifact
+in one file and one atomic move: a write goes to a temporary name beside the target and is
+then renamed over it, so a crash never leaves a half file under the final name. A read
+checks the checksum; a truncated or altered file raises ``CorruptArtifact`` and the runner
+recomputes that stage instead of trusting it.
+
+Objects (checkpoints, indices, metrics) are stored with ``torch.save`` to bytes and read with
+``torch.load(weights_only=True)``: tensors, dicts, lists, strings and numbers only, never
+arbitrary pickles.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+MAGIC = b"BDGRID1\n"
+HEADER = len(MAGIC) + 32  # magic + sha256 digest
+
+
+class CorruptArtifact(Exception):
+    """An artifact whose bytes do not match its checksum (truncated, partial or altered)."""
+
+
+class ArtifactStore:
+    def __init__(self, root: str | Path):
+        root = str(root)
+        if "://" in root:
+            self.fs, self.base = pafs.FileSystem.from_uri(root)
+            self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        else:
+            self.fs, self.base = pafs.LocalFileSystem(), str(Path(root).expanduser().resolve())
+            self.local = True
+        self.uri = root
+
+    # ------------------------------------------------------------------ paths
+
+    def path(self, kind: str, key: str) -> str:
+        return f"{self.base}/{kind}/{key[:2]}/{key}.bdg"
+
+    def resource_dir(self) -> Path:
+        """A local folder for ``defense.resources.ResourceCache``: inside the store when the store
+        is local, else a per-machine cache (each node then computes a resource at most once)."""
+        if self.local:
+            return Path(self.base) / "resources"
+        return Path(os.environ.get("BDGRID_CACHE", "~/.cache/bdgrid")).expanduser() / "resources"
+
+    # ------------------------------------------------------------------ bytes
+
+    def put_bytes(self, kind: str, key: str, payload: bytes) -> str:
+        final = self.path(kind, key)
+        parent = final.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        tmp = f"{parent}/.{key}.{uuid.uuid4().hex}.tmp"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(MAGIC + hashlib.sha256(payload).digest())
+            f.write(payload)
+        self.fs.move(tmp, final)  # atomic rename on local and HDFS; a single PUT on object stores
+        return final
+
+    def get_bytes(self, kind: str, key: str) -> bytes:
+        """The payload; FileNotFoundError when absent, CorruptArtifact when its checksum fails."""
+        p = self.path(kind, key)
+        try:
+            with self.fs.open_input_stream(p) as f:
+                blob = f.read()
+        except (FileNotFoundError, OSError) as e:
+            if not self.exists(kind, key):
+                raise FileNotFoundError(p) from e
+            raise
+        if len(blob) < HEADER or blob[: len(MAGIC)] != MAGIC:
+            raise CorruptArtifact(f"{p}: not a bdgrid artifact or truncated header ({len(blob)} bytes)")
+        payload = blob[HEADER:]
+        if hashlib.sha256(payload).digest() != blob[len(MAGIC):HEADER]:
+            raise CorruptArtifact(f"{p}: checksum mismatch ({len(blob)} bytes; truncated or altered)")
+        return payload
+
+    def exists(self, kind: str, key: str) -> bool:
+        return self.fs.get_file_info(self.path(kind, key)).type == pafs.FileType.File
+
+    def verify(self, kind: str, key: str) -> bool:
+        """True when the artifact is present and intact."""
+        try:
+            self.get_bytes(kind, key)
+            return True
+        except (FileNotFoundError, CorruptArtifact):
+            return False
+
+    def delete(self, kind: str, key: str) -> None:
+        try:
+            self.fs.delete_file(self.path(kind, key))
+        except (FileNotFoundError, OSError):
+            pass
+
+    # ------------------------------------------------------------------ objects
+
+    def put(self, kind: str, key: str, obj: Any) -> str:
+        import torch
+
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return self.put_bytes(kind, key, buf.getvalue())
+
+    def get(self, kind: str, key: str) -> Any:
+        import torch
+
+        return torch.load(io.BytesIO(self.get_bytes(kind, key)), map_location="cpu", weights_only=True)
