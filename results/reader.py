@@ -16,6 +16,7 @@ from typing import Iterable
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from results.schema import SCHEMA_VERSION, schema, to_table
@@ -58,6 +59,16 @@ def load_arrow(out_dir: str | Path | Iterable[str | Path], table: str = "results
     paths = [p for d in dirs for p in files(d, table)]
     if not paths:
         return schema(table).empty_table()
+    # Fast path: current-version files all have exactly the schema, so Arrow reads them in one
+    # multi-threaded scan (about 10x faster than file by file for thousands of stages). A file of
+    # another version either fails the cast or shows up in schema_version: then read file by file.
+    try:
+        tbl = ds.dataset([str(p) for p in paths], schema=schema(table), format="parquet").to_table()
+        versions = set(tbl.column("schema_version").unique().to_pylist())
+        if versions <= {SCHEMA_VERSION}:
+            return tbl
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        pass
     with ThreadPoolExecutor(max_workers=8) as pool:
         tables = list(pool.map(lambda p: _read(p, table), paths))
     return pa.concat_tables(tables)

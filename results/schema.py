@@ -4,6 +4,7 @@ Two tables share the identity columns:
 
 * ``results``: one row per (stage key, split): what was run (identity), what it scored
   (metrics, fractions in [0, 1]) and how it was run (provenance).
+* ``trials``: the ``results`` layout for tuning trials (``bdgrid tune``), kept apart.
 * ``curves``: per-epoch values of a training, unlearning or fine-tuning phase in long form
   (``phase, epoch, metric, value``), so that any phase may log any quantity without a
   schema change.
@@ -92,6 +93,9 @@ SCHEMAS = {
     "results": pa.schema(IDENTITY + METRICS + PROVENANCE),
     "curves": pa.schema(IDENTITY + CURVE + PROVENANCE),
 }
+# Optuna trials (``bdgrid tune``): result rows on the validation split, with study, trial number
+# and objective values in ``extra``; kept apart so that they never enter a paper table.
+SCHEMAS["trials"] = SCHEMAS["results"]
 
 JSON_COLUMNS = ("attack_params", "params", "extra")
 TIME_COLUMNS = ("started_at", "ended_at", "written_at")
