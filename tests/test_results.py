@@ -169,3 +169,13 @@ def test_times_accept_datetimes():
     naive = dt.datetime(2024, 1, 2, 3, 4, 5)
     assert to_timestamp(naive) == naive.replace(tzinfo=dt.timezone.utc)
     assert to_timestamp(None) is None
+
+
+def test_trials_table_is_kept_apart_from_results(tmp_path):
+    row = dict(ROW, split="val", study="s1", trial=3)
+    results.write_stage(tmp_path, "tune-trial", "t3", [row], table="trials")
+    t = results.load(tmp_path, table="trials")
+    assert len(t) == 1 and t["trial"].iloc[0] == 3 and t["split"].iloc[0] == "val"
+    assert results.load(tmp_path).empty
+    with pytest.raises(ValueError, match="unknown results table"):
+        results.write_stage(tmp_path, "x", "k", [ROW], table="nope")
