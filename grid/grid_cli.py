@@ -64,12 +64,14 @@ def run_cmd(
     num_cpus: Optional[int] = typer.Option(None, help="Local mode: CPUs Ray may use (default: all cores)."),
     gpu_check: bool = typer.Option(True, "--gpu-check/--no-gpu-check",
                                    help="Refuse GPU stages when the cluster has no GPU now (turn off for autoscaling GPU workers)."),
+    artifacts: Optional[str] = typer.Option(None, help="Artifact root URI (local path, s3://, gs://); default: the spec's "
+                                                       "'artifacts', else $BDGRID_ARTIFACTS, else <out>/artifacts."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress bar."),
 ):
     """Run a grid: every cell's backdoored model once, every defense on it, every evaluation.
     Resumes by default: finished stages are skipped, failed ones retried."""
     from grid.plan import build_plan
-    from grid.run import connect, cluster_gpus, execute_plan, needed_stages, paper_table
+    from grid.run import artifact_root, cluster_gpus, connect, execute_plan, needed_stages, paper_table
     from grid.store import ArtifactStore
     from grid.validate import validate
 
@@ -77,7 +79,7 @@ def run_cmd(
     out_dir = _out_dir(ls, out)
     if dry_run:
         plan = build_plan(ls)
-        store = ArtifactStore(ls.spec.artifacts or out_dir.resolve() / "artifacts")
+        store = ArtifactStore(artifact_root(ls, out_dir, artifacts))
         need, done, corrupt = needed_stages(plan, store, out_dir)
         t = Table(title=f"plan of grid '{plan.grid}': {plan.cells} cells -> {out_dir}")
         for col in ("stage", "total", "done", "to run"):
@@ -99,7 +101,10 @@ def run_cmd(
             problems = [p for p in validate(ls, gpus_available=cluster_gpus()) if p.path[:1] == ("resources",)]
             if problems:
                 _fail("\n  ".join(p.render(ls.file) for p in problems))
-        res = execute_plan(ls, out_dir, show_progress=not quiet, console=console)
+        if started and address and "://" not in artifact_root(ls, out_dir, artifacts):
+            err.print("[yellow]note:[/] artifacts go to a local path; on a multi-node cluster it must be shared "
+                      "(NFS) or a URI (--artifacts s3://...)")
+        res = execute_plan(ls, out_dir, artifacts=artifacts, show_progress=not quiet, console=console)
     finally:
         if started:
             import ray

@@ -146,6 +146,7 @@ def _remote():
 
     @ray.remote
     def run_stage(stage: Stage, data, store_uri: str, env: dict):
+        env = {**env, "node": ray.get_runtime_context().get_node_id()[:12]}
         return stages.execute(stage, data, ArtifactStore(store_uri), env)
 
     return run_stage
@@ -207,16 +208,25 @@ class _Progress:
             self.bar.stop()
 
 
-def execute_plan(ls: LoadedSpec, out: str | Path, *, show_progress: bool = True, console=None) -> RunResult:
+def artifact_root(ls: LoadedSpec, out: Path, override: str | None = None) -> str:
+    """--artifacts, else the spec's ``artifacts``, else $BDGRID_ARTIFACTS (set on cluster nodes by
+    cluster.yaml), else ``<out>/artifacts``."""
+    return str(override or ls.spec.artifacts or os.environ.get("BDGRID_ARTIFACTS") or Path(out).resolve() / "artifacts")
+
+
+def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = None, show_progress: bool = True,
+                 console=None) -> RunResult:
     """Run every needed stage of ``ls``'s grid on the connected Ray cluster (see ``connect``)."""
     import ray
     from ray.exceptions import GetTimeoutError  # noqa: F401  (documented failure types below)
+
+    from grid import stages
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     spec = ls.spec
     plan = build_plan(ls)
-    store = ArtifactStore(spec.artifacts or out / "artifacts")
+    store = ArtifactStore(artifact_root(ls, out, artifacts))
     t0 = time.time()
     need, cached, corrupt = needed_stages(plan, store, out)
     res = RunResult(plan, out, cached=cached, recomputed_corrupt=corrupt)
@@ -277,7 +287,9 @@ def execute_plan(ls: LoadedSpec, out: str | Path, *, show_progress: bool = True,
                 key, started = running.pop(ref)
                 s = plan.stages[key]
                 try:
-                    ray.get(ref)
+                    output = ray.get(ref)
+                    if s.kind == "eval":
+                        stages.write_rows(out, s, output)
                 except Exception as e:  # RayTaskError (exception in the stage), WorkerCrashedError (retries spent), cancel
                     attempts[key] = attempts.get(key, 0) + 1
                     timed_out = spec.timeout and time.time() - started > spec.timeout

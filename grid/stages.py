@@ -13,11 +13,11 @@ What each stage stores (``grid.store``, torch.save / weights_only loads):
   the reported test split and the validation split.
 - ``prepare``: the defense's shared preparation (TSBD Stages 1a/1b).
 - ``defense``: the purified weights, diagnostics and curves.
-- ``eval``: nothing in the store; its result rows (one per split) and curves go to
-  ``results.write_stage``, and their presence marks the stage done.
+- ``eval``: nothing in the store; it returns its result rows (one per split) and curves, which
+  the driver writes with ``results.write_stage``; their presence marks the stage done.
 
-Every executed stage appends one line to ``<out>/executed.log`` (kind, key, pid, seconds): the
-tests count recomputation with it.
+Every executed stage appends one line to ``<out>/executed.log`` on the node that ran it (kind,
+key, pid, seconds, node): the tests count recomputation with it.
 """
 from __future__ import annotations
 
@@ -81,8 +81,9 @@ def _split_metrics(model, test, bd_x, bd_idx, bd_true, idx, target, device) -> d
     return attack_metrics(model, test.subset(idx).to(device), bd.to(device), bd_true[keep].to(device), target)
 
 
-def _log(out: str, stage: Stage, seconds: float) -> None:
-    line = f"{stage.kind} {stage.key} {os.getpid()} {seconds:.3f}\n"
+def _log(out: str, stage: Stage, seconds: float, node: str = "-") -> None:
+    line = f"{stage.kind} {stage.key} {os.getpid()} {seconds:.3f} {node}\n"
+    Path(out).mkdir(parents=True, exist_ok=True)
     fd = os.open(Path(out) / "executed.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())  # one small O_APPEND write: lines from parallel workers never interleave
@@ -224,7 +225,6 @@ def _curve_rows(ident: dict, rows: list[dict], phase_default: str) -> list[dict]
 def run_eval(stage: Stage, data: dict, store: ArtifactStore, env: dict) -> dict:
     """Score the (purified) model on the reported test split and the validation split; write the
     result rows (one per split) and the curves. Only this stage writes result rows."""
-    import results
     from defense.data.splits import val_test_indices
     from defense.metrics import der
 
@@ -249,10 +249,18 @@ def run_eval(stage: Stage, data: dict, store: ArtifactStore, env: dict) -> dict:
                      "started_at": t0, "ended_at": time.time()})
     curves = (_curve_rows(base, json.loads(src["curves"]), "defense") if defended
               else _curve_rows(base, json.loads(atk["history"]), "attack"))
-    if curves:
-        results.write_stage(env["out"], "eval", stage.key, curves, table="curves")
-    results.write_stage(env["out"], "eval", stage.key, rows)  # last: its presence marks the stage done
-    return {"rows": len(rows)}
+    # returned, not written here: the driver writes them (see ``write_rows``), so results land
+    # in the driver's output folder even when this ran on another node of a cluster
+    return {"rows": rows, "curves": curves}
+
+
+def write_rows(out: str | Path, stage: Stage, output: dict) -> None:
+    """Write an eval stage's curves, then its result rows (their presence marks the stage done)."""
+    import results
+
+    if output.get("curves"):
+        results.write_stage(out, "eval", stage.key, output["curves"], table="curves")
+    results.write_stage(out, "eval", stage.key, output["rows"])
 
 
 RUNNERS = {"resource": run_resource, "attack": run_attack, "prepare": run_prepare,
@@ -264,5 +272,5 @@ def execute(stage: Stage, data: Any, store: ArtifactStore, env: dict) -> Any:
     _test_kill_once(stage, env)
     t0 = time.perf_counter()
     out = run_data(stage, env) if stage.kind == "data" else RUNNERS[stage.kind](stage, data, store, env)
-    _log(env["out"], stage, time.perf_counter() - t0)
+    _log(env["out"], stage, time.perf_counter() - t0, env.get("node", "-"))
     return out

@@ -113,14 +113,15 @@ def validate(ls: LoadedSpec, gpus_available: float | None = None) -> list[Proble
         add(("epochs",), f"epochs must be >= 1, got {s.epochs}")
 
     # duplicates on every axis (the same cell would be listed twice)
-    _dups(add, "datasets", [canon([d.name, d.params]) for d in s.datasets])
+    # (parameters compared with registry defaults filled in: {patch: 3} is BadNets' default)
+    _dups(add, "datasets", [canon([d.name, _resolved(DATASETS, d.name, d.params)]) for d in s.datasets])
     _dups(add, "archs", list(s.archs))
-    _dups(add, "attacks", [canon([a.name, a.params]) for a in s.attacks])
+    _dups(add, "attacks", [canon([a.name, _resolved(ATTACKS, a.name, a.params)]) for a in s.attacks])
     _dups(add, "pratios", [float(p) for p in s.pratios])
     _dups(add, "seeds", list(s.seeds))
     seen: dict[str, Any] = {}
     for dc in defense_configs(ls):
-        k = canon([dc.name, dc.params_dict])
+        k = canon([dc.name, _resolved(DEFENSES, dc.name, dc.params_dict)])
         if k in seen:
             add(dc.where, f"duplicate defense config {dc.name} {dc.params_dict or ''} (also {_ps(seen[k])})")
         else:
@@ -174,6 +175,17 @@ def validate(ls: LoadedSpec, gpus_available: float | None = None) -> list[Proble
             if not _exclude_hits(ls, entry):
                 add(("exclude", i), f"exclude entry {entry} matches no cell of the grid (a typo?)")
     return problems
+
+
+def _resolved(reg, name: str, params: dict) -> dict:
+    """Params with the entry's defaults filled in (as given when the entry or params are invalid)."""
+    import dataclasses
+
+    try:
+        p = reg.get(name).make_params(params)
+    except Exception:  # unknown name or bad params: reported on their own
+        return params
+    return {} if p is None else dataclasses.asdict(p)
 
 
 def _unknown(reg, name) -> str:
