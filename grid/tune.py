@@ -277,9 +277,10 @@ def _proc_start(pid: int) -> str | None:
     live process from a later one that reused its pid."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
+            fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
+    return None if fields[0] in ("Z", "X") else fields[19]  # a zombie is dead, only not yet reaped
 
 
 def owner_id() -> str:

@@ -1,0 +1,416 @@
+"""TSBD: two-stage backdoor defense (Lin et al., NeurIPS 2024, arXiv 2405.20291).
+
+Behaviour follows the authors' code (GitHub ``linweiii/TSBD``, ``tsbd.py`` with
+``tsbd/config.yaml``, a BackdoorBench plug-in); every constant below is that code's value
+unless marked "ours". The file reads top to bottom in the order the defense runs:
+
+- Stage 1a ``clean_unlearn``: gradient ascent on the defender's clean data ``Dc`` until the
+  eval-mode accuracy on (augmented) ``Dc`` is <= a threshold.
+- Stage 1b ``neuron_weight_change``: per output channel, the L1 norm of the weight change
+  between the backdoored and the unlearned model; one global ranking over all layers.
+- Stage 1c ``zero_reinit``: on the *original* model, zero the largest-change weights of the
+  top ``n`` share of neurons (pooled threshold for the share ``m``).
+- Stage 2 ``activeness_finetune``: fine-tune on ``Dc`` with the gradient
+  ``(1 - alpha) * g1 + alpha * g2``, ``g2`` taken at ``theta + r * g1 / ||g1||`` per tensor
+  (first-order gradient-norm penalty, Zhao et al., ICML 2022, arXiv 2202.03599).
+
+Stages 1a/1b do not depend on ``n``, ``m`` or any Stage-2 constant, so they are computed
+once by ``tsbd_prepare`` (a ``torch.load(weights_only=True)``-safe dict) and shared by every
+``n`` of a sweep or a tuning study (``shared=`` at registration).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from defense.data import Data
+from defense.methods import DefenseContext, DefenseOutput, register_defense
+from defense.train import index_batches, make_batch, pick_device, seed_everything
+
+
+# ---------------------------------------------------------------------------------------
+# Parameters (one typed place; source of each default in its comment)
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class TSBDParams:
+    # Neuron ratio n: share of all scored neurons (ranked by NWC) that Stage 1c touches. The
+    # reference sweeps {0.01, 0.05, 0.1, ..., 0.9} and fixes none. Ours: 0.1, the smallest
+    # value of that sweep that removed BadNets and Blended on our synthetic checks while
+    # keeping ACC within 5 points (tests/test_tsbd_e2e.py); tune it per setting (bdgrid tune).
+    n: float = 0.1
+    # Weight ratio m: share of the pooled weights of the selected neurons that is zeroed
+    # (config.yaml: m 0.7).
+    m: float = 0.7
+    # Which weights are scored: Conv2d kernels per output channel, or BatchNorm2d scales
+    # (config.yaml: layer_type conv; the code also accepts bn).
+    layer_type: Literal["conv", "bn"] = "conv"
+    # Stage 1a: SGD lr (config.yaml: lr_un 1e-4); momentum 0.9 in both stages (hard-coded in
+    # tsbd.py); no weight decay in either stage (config's wd is never passed to them).
+    lr_un: float = 1e-4
+    momentum: float = 0.9
+    # Stop unlearning once eval-mode accuracy on augmented Dc is <= this (tsbd.py: 0.10).
+    # Ours: "chance+margin" means 1/num_classes + un_margin (for 43/200-class datasets).
+    un_threshold: float | str = 0.10
+    un_margin: float = 0.0
+    max_un_epochs: int = 1000  # config.yaml: epochs 1000
+    batch_size: int = 256  # config.yaml: batch_size 256, shuffle=False in both stages
+    # The reference ranks neurons by the score as written to nwc.txt with '{:.4f}' (ties keep
+    # layer order: Python's sort is stable). -1 ranks by the exact value (ours).
+    nwc_decimals: int = 4
+    # Stage 2: lr (config.yaml: lr_ft 0.01; its CosineAnnealingLR is never built for TSBD),
+    # passes = ft_epochs + 1 (tsbd.py loops range(ft_epoch + 1); config: ft_epoch 20).
+    ft_lr: float = 0.01
+    ft_epochs: int = 20
+    r: float = 0.05  # perturbation radius per tensor (config.yaml: r 0.05)
+    alpha: float = 0.7  # weight of the perturbed gradient (config.yaml: alpha 0.7); 1 = SAM
+    augment: bool = True  # training augmentation in both stages (BackdoorBench train transform)
+    bf16: bool = True  # ours: bf16 autocast for forward passes on CUDA (weights stay fp32)
+
+    def check(self):
+        for name in ("n", "m", "alpha"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                yield f"{name} must be in [0, 1], got {v}"
+        for name in ("lr_un", "ft_lr"):
+            if getattr(self, name) <= 0:
+                yield f"{name} must be > 0, got {getattr(self, name)}"
+        if self.r < 0:
+            yield f"r must be >= 0, got {self.r}"
+        if not 0.0 <= self.momentum < 1.0:
+            yield f"momentum must be in [0, 1), got {self.momentum}"
+        if self.batch_size < 1:
+            yield f"batch_size must be >= 1, got {self.batch_size}"
+        if self.max_un_epochs < 1:
+            yield f"max_un_epochs must be >= 1, got {self.max_un_epochs}"
+        if self.ft_epochs < -1:
+            yield f"ft_epochs must be >= -1 (-1 skips Stage 2), got {self.ft_epochs}"
+        if isinstance(self.un_threshold, str):
+            if self.un_threshold != "chance+margin":
+                yield f"un_threshold must be a number in [0, 1] or 'chance+margin', got {self.un_threshold!r}"
+        elif not 0.0 <= self.un_threshold <= 1.0:
+            yield f"un_threshold must be in [0, 1], got {self.un_threshold}"
+
+    def threshold(self, num_classes: int) -> float:
+        if self.un_threshold == "chance+margin":
+            return 1.0 / num_classes + self.un_margin
+        return float(self.un_threshold)
+
+
+# Parameters that Stages 1a/1b depend on: a sweep or a study computes them once per value.
+SHARED = ("layer_type", "lr_un", "momentum", "un_threshold", "un_margin", "max_un_epochs",
+          "batch_size", "augment", "bf16")
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _autocast(device: torch.device, p: TSBDParams):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if (p.bf16 and device.type == "cuda") else _null()
+
+
+def _batches(data: Data, p: TSBDParams, gen: torch.Generator):
+    """Dc in its stored order every epoch (reference: DataLoader(shuffle=False)), augmented."""
+    for idx in index_batches(len(data), p.batch_size, False, None):
+        yield make_batch(data, idx, gen, p.augment)
+
+
+@torch.no_grad()
+def _augmented_accuracy(model: nn.Module, data: Data, p: TSBDParams, gen: torch.Generator,
+                        device: torch.device) -> float:
+    """The reference's stop check: eval mode, Dc through the *training* transform, / |Dc|."""
+    was = model.training
+    model.eval()
+    correct = 0
+    with _autocast(device, p):
+        for x, y in _batches(data, p, gen):
+            correct += int((model(x).argmax(1) == y).sum())
+    model.train(was)
+    return correct / max(1, len(data))
+
+
+# ---------------------------------------------------------------------------------------
+# Stage 1a: clean unlearning
+# ---------------------------------------------------------------------------------------
+
+def clean_unlearn(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseContext) -> tuple[nn.Module, list[dict]]:
+    """Gradient ascent on CE over Dc (SGD lr_un, momentum, no weight decay, train mode) until
+    the augmented eval-mode accuracy on Dc is <= the threshold, or ``max_un_epochs``.
+
+    Returns a new model (``model`` is not touched) and one row per epoch.
+    """
+    device = pick_device(ctx.device)
+    gen = seed_everything(ctx.seed)
+    clean = clean.to(device)
+    net = copy.deepcopy(model).to(device)
+    net.train()
+    opt = torch.optim.SGD(net.parameters(), lr=p.lr_un, momentum=p.momentum)
+    thr = p.threshold(clean.info.num_classes)
+    curve = []
+    for epoch in range(1, p.max_un_epochs + 1):
+        net.train()
+        tot, correct, nb = 0.0, 0, 0
+        for x, y in _batches(clean, p, gen):
+            with _autocast(device, p):
+                out = net(x)
+                loss = F.cross_entropy(out.float(), y)
+            opt.zero_grad(set_to_none=True)
+            (-loss).backward()  # ascent
+            opt.step()
+            tot += float(loss.detach())
+            correct += int((out.argmax(1) == y).sum())
+            nb += 1
+        dc_acc = _augmented_accuracy(net, clean, p, gen, device)
+        curve.append({"phase": "unlearn", "epoch": epoch, "loss": tot / max(1, nb),
+                      "train_acc": correct / max(1, len(clean)), "dc_acc": dc_acc})
+        ctx.log(f"tsbd unlearn epoch {epoch}: loss {tot / max(1, nb):.4f} dc_acc {dc_acc:.4f}")
+        if dc_acc <= thr:
+            break
+    net.eval()
+    return net, curve
+
+
+# ---------------------------------------------------------------------------------------
+# Stage 1b: neuron weight change
+# ---------------------------------------------------------------------------------------
+
+def scored_layers(model: nn.Module, layer_type: str = "conv") -> list[str]:
+    """Module names whose weights TSBD scores, in registration order (the reference's order).
+
+    Shortcut / downsample convolutions are skipped (tsbd.py skips names containing
+    'shortcut'; 'downsample' is torchvision's name for the same thing).
+    """
+    kind = {"conv": nn.Conv2d, "bn": nn.BatchNorm2d}.get(layer_type)
+    if kind is None:
+        raise ValueError(f"layer_type must be conv or bn, got {layer_type!r}")
+    return [name for name, mod in model.named_modules()
+            if isinstance(mod, kind) and "shortcut" not in name and "downsample" not in name]
+
+
+@dataclass
+class NWC:
+    """Neuron weight change of every scored layer, and the global ranking."""
+
+    layer_type: str
+    neuron: dict[str, torch.Tensor]  # layer -> (C_out,) L1 change per output channel
+    weight: dict[str, torch.Tensor]  # layer -> (C_out, fan_in) |change| per weight
+    ranking: list[tuple[str, int]] = field(default_factory=list)  # highest NWC first
+
+    @property
+    def total(self) -> int:
+        return sum(len(v) for v in self.neuron.values())
+
+    def to_dict(self) -> dict:
+        """Plain dict of tensors/strings (round-trips through torch.load(weights_only=True))."""
+        return {"layer_type": self.layer_type, "layers": list(self.neuron),
+                "neuron": {k: v.cpu() for k, v in self.neuron.items()},
+                "weight": {k: v.cpu() for k, v in self.weight.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict, decimals: int = 4) -> "NWC":
+        neuron = {k: d["neuron"][k] for k in d["layers"]}
+        weight = {k: d["weight"][k] for k in d["layers"]}
+        return cls(d["layer_type"], neuron, weight, rank_neurons(neuron, decimals))
+
+
+def rank_neurons(neuron: dict[str, torch.Tensor], decimals: int = 4) -> list[tuple[str, int]]:
+    """All neurons of all layers, highest NWC first, no per-layer normalisation.
+
+    The reference sorts the scores read back from '{:.4f}'-formatted text with a stable sort
+    (ties keep layer, then channel, order); ``decimals=-1`` sorts the exact values.
+    """
+    rows = []
+    for layer, v in neuron.items():
+        for j, s in enumerate(v.tolist()):
+            rows.append((float(f"{s:.{decimals}f}") if decimals >= 0 else s, layer, j))
+    rows.sort(key=lambda t: t[0], reverse=True)  # stable, like the reference's sorted()
+    return [(layer, j) for _, layer, j in rows]
+
+
+@torch.no_grad()
+def neuron_weight_change(model0: nn.Module, model_u: nn.Module, layer_type: str = "conv",
+                         decimals: int = 4) -> NWC:
+    """NWC_j = sum |W_u[j] - W_0[j]| over output channel j of every scored layer."""
+    neuron, weight = {}, {}
+    for name in scored_layers(model0, layer_type):
+        w0 = model0.get_submodule(name).weight.detach().float()
+        wu = model_u.get_submodule(name).weight.detach().float().to(w0.device)
+        change = (wu - w0).reshape(w0.shape[0], -1).abs().cpu()
+        weight[name] = change
+        neuron[name] = change.sum(dim=1)
+    return NWC(layer_type, neuron, weight, rank_neurons(neuron, decimals))
+
+
+# ---------------------------------------------------------------------------------------
+# Stage 1c: zero reinitialisation
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def zero_reinit(model0: nn.Module, nwc: NWC, n: float, m: float) -> tuple[nn.Module, dict[str, dict]]:
+    """Copy ``model0``; in its top ``int(total * n)`` neurons zero every weight whose change is
+    >= tau, tau = the smallest of the ``int(m * pool)`` largest pooled changes.
+
+    Returns the model and, per layer, {"neurons": selected, "weights": zeroed}. Biases and
+    BatchNorm parameters (for ``conv``) are untouched; nothing is masked afterwards.
+    """
+    model = copy.deepcopy(model0)
+    top = nwc.ranking[: int(nwc.total * n)]
+    counts: dict[str, dict] = {}
+    pool = [nwc.weight[layer][j] for layer, j in top]
+    k = int(sum(len(t) for t in pool) * m)
+    if not top or k == 0:  # the reference would fail on min([]); we zero nothing
+        return model, counts
+    tau = torch.topk(torch.cat(pool), k).values.min()
+    for layer, j in top:
+        mask = nwc.weight[layer][j] >= tau
+        w = model.get_submodule(layer).weight
+        w.data[j].view(-1)[mask.to(w.device)] = 0.0
+        c = counts.setdefault(layer, {"neurons": 0, "weights": 0})
+        c["neurons"] += 1
+        c["weights"] += int(mask.sum())
+    return model, counts
+
+
+# ---------------------------------------------------------------------------------------
+# Stage 2: activeness-aware fine-tuning
+# ---------------------------------------------------------------------------------------
+
+def activeness_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
+                    r: float, alpha: float, amp=None) -> tuple[float, int]:
+    """One Stage-2 mini-batch, in place; returns (loss, correct) of the post-step forward.
+
+    Equals the reference's per-batch procedure (deep copy, g1, per-tensor perturbation,
+    g2, mix, step, extra forward) without the copy: parameters are restored from a saved
+    copy (exact), and buffers (BatchNorm running statistics) are restored after the g1/g2
+    passes, so that only the final train-mode forward updates them, once, at the new weights.
+    """
+    amp = amp or _null()
+    params = [q for q in model.parameters() if q.requires_grad]
+    buffers = [b.detach().clone() for b in model.buffers()]
+    model.train()
+    with amp:
+        loss1 = F.cross_entropy(model(x).float(), y)
+    g1 = torch.autograd.grad(loss1, params, allow_unused=True)
+    saved = []
+    with torch.no_grad():
+        for q, g in zip(params, g1):
+            saved.append(q.detach().clone())
+            if g is None:
+                continue
+            norm = g.norm()
+            if norm > 0 and torch.isfinite(norm):  # guard: the reference would divide by 0 (NaN)
+                q.add_(r * (g / norm))
+    with amp:
+        loss2 = F.cross_entropy(model(x).float(), y)
+    g2 = torch.autograd.grad(loss2, params, allow_unused=True)
+    with torch.no_grad():
+        for q, s in zip(params, saved):
+            q.copy_(s)
+        for b, s in zip(model.buffers(), buffers):
+            b.copy_(s)
+    for q, a, b in zip(params, g1, g2):
+        if a is None and b is None:
+            q.grad = None
+            continue
+        a = torch.zeros_like(q) if a is None else a
+        b = torch.zeros_like(q) if b is None else b
+        q.grad = (1 - alpha) * a + alpha * b
+    opt.step()
+    with torch.no_grad(), amp:  # the reference's logging forward: it updates BN running stats
+        out = model(x).float()
+        loss = F.cross_entropy(out, y)
+    return float(loss), int((out.argmax(1) == y).sum())
+
+
+def activeness_finetune(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseContext) -> list[dict]:
+    """Fine-tune ``model`` in place on Dc for ``ft_epochs + 1`` passes; one row per pass.
+
+    Rows carry the reference's logged values: mean batch loss and accuracy of the post-step
+    train-mode forward (augmented Dc).
+    """
+    device = pick_device(ctx.device)
+    # Seeded separately from Stage 1 so that a run with ctx.prepared equals one without.
+    gen = seed_everything(ctx.seed + 1)
+    clean = clean.to(device)
+    model.to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=p.ft_lr, momentum=p.momentum)
+    amp = _autocast(device, p)
+    curve = []
+    for epoch in range(p.ft_epochs + 1):
+        tot, correct, nb = 0.0, 0, 0
+        for x, y in _batches(clean, p, gen):
+            loss, c = activeness_step(model, x, y, opt, p.r, p.alpha, amp)
+            tot += loss
+            correct += c
+            nb += 1
+        row = {"phase": "finetune", "epoch": epoch + 1, "loss": tot / max(1, nb),
+               "train_acc": correct / max(1, len(clean))}
+        curve.append(row)
+        ctx.log(f"tsbd finetune pass {epoch + 1}: loss {row['loss']:.4f} acc {row['train_acc']:.4f}")
+    model.eval()
+    return curve
+
+
+# ---------------------------------------------------------------------------------------
+# The defense: prepare (Stages 1a/1b, shared), defend (1c + 2), sweep
+# ---------------------------------------------------------------------------------------
+
+def tsbd_prepare(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseContext) -> dict:
+    """Stages 1a/1b. The result holds only tensors, numbers, strings, lists and dicts, so it
+    round-trips through ``torch.save`` / ``torch.load(weights_only=True)``."""
+    unlearned, curve = clean_unlearn(model, clean, p, ctx)
+    nwc = neuron_weight_change(model, unlearned, p.layer_type)
+    return {"unlearned": {k: v.detach().cpu() for k, v in unlearned.state_dict().items()},
+            "nwc": nwc.to_dict(), "curve": curve, "unlearn_epochs": len(curve)}
+
+
+def _diagnostics(prep: dict, nwc: NWC, counts: dict, ft_curve: list[dict], p: TSBDParams, top_k: int = 20) -> dict:
+    top = []
+    for layer, j in nwc.ranking[:top_k]:
+        top.append([layer, j, float(nwc.neuron[layer][j])])
+    return {
+        "unlearn_epochs": int(prep["unlearn_epochs"]),
+        "unlearn_curve": prep["curve"],
+        "n_neurons": nwc.total,
+        "n_selected": int(nwc.total * p.n),
+        "nwc_top": top,
+        "zeroed": counts,
+        "weights_zeroed": sum(c["weights"] for c in counts.values()),
+        "finetune_curve": ft_curve,
+    }
+
+
+@register_defense("tsbd", params=TSBDParams, prepare=tsbd_prepare, shared=SHARED)
+def defend(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseContext) -> DefenseOutput:
+    """TSBD (Lin et al., NeurIPS 2024): NWC-based zero reinitialisation, then activeness-aware
+    fine-tuning. Uses ``ctx.prepared`` (Stages 1a/1b) when given, computes it otherwise."""
+    prep = ctx.prepared if ctx.prepared is not None else tsbd_prepare(model, clean, p, ctx)
+    if prep["nwc"]["layer_type"] != p.layer_type:
+        raise ValueError(f"prepared NWC is for layer_type {prep['nwc']['layer_type']!r}, params ask {p.layer_type!r}")
+    nwc = NWC.from_dict(prep["nwc"], p.nwc_decimals)
+    purified, counts = zero_reinit(model, nwc, p.n, p.m)
+    ft_curve = activeness_finetune(purified, clean, p, ctx)
+    return DefenseOutput(purified, _diagnostics(prep, nwc, counts, ft_curve, p), prep["curve"] + ft_curve)
+
+
+def tsbd_sweep(model: nn.Module, clean: Data, p: TSBDParams, ns, ctx: DefenseContext) -> dict[float, DefenseOutput]:
+    """Run TSBD for every neuron ratio in ``ns``, computing Stages 1a/1b once."""
+    prep = ctx.prepared if ctx.prepared is not None else tsbd_prepare(model, clean, p, ctx)
+    out = {}
+    for n in ns:
+        out[n] = defend(model, clean, replace(p, n=float(n)), replace(ctx, prepared=prep))
+    return out
