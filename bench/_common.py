@@ -1,0 +1,83 @@
+"""Shared bits of the benchmarks: the machine banner, the poisoned data, timing on any device.
+
+Every benchmark prints the machine and versions first (as airbench's header does), so a number
+never travels without the hardware that produced it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/x.py` from anywhere
+
+# CIFAR-10 scale (50,000 train / 10,000 test 32x32), as the GPU benchmarks use it.
+CIFAR_SCALE = dict(n_train=50_000, n_test=10_000)
+# CPU scale: the synthetic default (10,000 / 2,000), tiny_cnn trains it in about a minute on 2 threads.
+CPU_SCALE = dict(n_train=10_000, n_test=2_000)
+
+
+def machine() -> str:
+    """One line naming the hardware and versions."""
+    if torch.cuda.is_available():
+        hw = f"GPU {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    else:
+        cpu = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        hw = f"CPU {cpu}, {torch.get_num_threads()} threads, {os.cpu_count()} cores visible"
+    return f"{hw}; torch {torch.__version__}; python {platform.python_version()}"
+
+
+def sync(device) -> None:
+    """Wait for queued GPU work so wall-clock timings mean what they say."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    """``with Timer(device) as t: ...``; ``t.s`` is the synced wall time in seconds."""
+
+    def __init__(self, device="cpu"):
+        self.device = device
+        self.s = 0.0
+
+    def __enter__(self):
+        sync(self.device)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        self.s = time.perf_counter() - self.t0
+        return False
+
+
+def poisoned_data(attack: str, n_train: int, n_test: int, seed: int = 0, pratio: float = 0.1, target: int = 0):
+    """Synthetic (train, test) and the attack's poisoned set, all on the CPU, deterministic."""
+    from defense.data import load_dataset
+    from defense.trial import TrialConfig, make_poisoned
+
+    train, test = load_dataset("synthetic", n_train=n_train, n_test=n_test)
+    cfg = TrialConfig(attack=attack, seed=seed, pratio=pratio, target=target, device="cpu")
+    return train, test, make_poisoned(cfg, train, test)
+
+
+def write_json(path: str | None, obj: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(obj, indent=1, default=str))
+
+
+def fmt_s(s: float | None) -> str:
+    return "-" if s is None else (f"{s:.1f}s" if s < 600 else f"{s / 60:.1f}min")

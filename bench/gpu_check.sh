@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# bench/gpu_check.sh: the three speed benchmarks at CIFAR scale on one GPU, then a summary.
+#
+#   bash bench/gpu_check.sh            # about 6-7 minutes on one H100 (budget: under 8)
+#
+# 1. train_speed: PreAct-ResNet18 on synthetic 50,000/10,000 (BadNets 10%), paper recipe
+#    (8 epochs, cosine compressed; 100-epoch time projected) vs fast recipe, side by side.
+#    Saves the fast backdoored model for step 2.
+# 2. tsbd_speed: our TSBD vs the transcribed reference on that model (Dc = 2,500 images).
+# 3. grid_packing: a 2-attack x 3-seed grid through bdgrid's runner with 1, 2, 4 trials per GPU.
+# 4. project_grid: H100-hours for the full CIFAR-10 paper grid from the measured stage times.
+#
+# Results land in $BENCH_OUT (default: $OUT when the device tool sets it, else bench/out/gpu).
+# Each step has its own time limit, so one slow step cannot eat the others' budget; a step that
+# fails or times out is reported and the rest still run.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+DEST=${BENCH_OUT:-${OUT:-bench/out/gpu}}
+THREADS=${THREADS:-8}
+mkdir -p "$DEST"
+T0=$(date +%s)
+status=0
+
+step() {  # step NAME LIMIT_S CMD...
+  local name=$1 limit=$2; shift 2
+  local t=$(date +%s)
+  echo "=== $name (limit ${limit}s)"
+  timeout "$limit" "$@" 2>&1 | tee "$DEST/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: rc $rc in $(( $(date +%s) - t ))s"
+  if [ "$rc" -ne 0 ]; then status=1; fi
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$DEST/gpu.txt"
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'torch sees no GPU'; print('torch', torch.__version__, 'cuda', torch.version.cuda)" || exit 1
+
+step train_speed 190 "$PY" bench/train_speed.py --gpu --threads "$THREADS" \
+  --json "$DEST/train_speed.json" --save-model "$DEST/preact_fast.pt"
+step tsbd_speed 120 "$PY" bench/tsbd_speed.py --gpu --threads "$THREADS" --model "$DEST/preact_fast.pt" \
+  --json "$DEST/tsbd_speed.json"
+step grid_packing 170 "$PY" bench/grid_packing.py --seeds 3 --json "$DEST/grid_packing.json"
+rm -f "$DEST/preact_fast.pt"  # 45 MB; not a result
+
+echo
+echo "================ SUMMARY ($(( $(date +%s) - T0 ))s total)"
+cat "$DEST/gpu.txt"
+grep -h -E "^(RATIO|FIDELITY|PROJECTED)" "$DEST/train_speed.log" "$DEST/tsbd_speed.log" "$DEST/grid_packing.log" 2>/dev/null
+if [ -f "$DEST/train_speed.json" ] && [ -f "$DEST/tsbd_speed.json" ]; then
+  "$PY" bench/project_grid.py "$DEST/train_speed.json" "$DEST/tsbd_speed.json" --json "$DEST/projection.json" \
+    | tee "$DEST/projection.log"
+fi
+exit $status

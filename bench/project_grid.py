@@ -1,0 +1,119 @@
+"""Projected H100-hours for the full CIFAR-10 paper grid, from measured per-stage times.
+
+The grid (issue 9): CIFAR-10, PreAct-ResNet18, 8 attacks x 3 poisoning rates x 3 seeds = 72
+backdoored models; on each, TSBD and 8 baselines (648 defense runs); every model evaluated once.
+
+Inputs are the JSON files of ``bench/train_speed.py`` and ``bench/tsbd_speed.py``.
+
+- From a GPU run at CIFAR scale (PreAct-ResNet18, 50,000/10,000): the measured times are used as
+  they are (on the GPU that ran them).
+- From a CPU run (tiny_cnn, small synthetic): each stage's CPU seconds are turned into
+  *image-pass equivalents* (seconds x the measured CPU training images/s of the same model and
+  recipe), scaled linearly to CIFAR sizes (training set 50,000, defender set 2,500, test set
+  10,000), and divided by an H100 training throughput for PreAct-ResNet18 (``--h100-img-s``).
+  Default 18,000 img/s: Myrtle's 18-layer ResNet trained 35 CIFAR-10 epochs in 297 s on one V100
+  in fp16 (myrtle.ai "How to Train Your ResNet", part 1: about 5,900 img/s), times about 3 for an
+  H100 over a V100 on small convnets (our assumption; ``gpu_check.sh`` replaces it with a
+  measurement). Evaluation is forward only, yet it is converted at the training rate: conservative.
+
+Baselines are not all written yet: each is costed as ``--baseline-factor`` times one TSBD run
+(default 1.0; fine-tuning, pruning and ANP-style defenses on 5% of the data are of that order).
+NWC and zero reinitialisation work per weight: their CPU seconds are scaled by the parameter
+count ratio (PreAct-ResNet18 / the measured model) and kept as CPU seconds (an upper bound).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from _common import fmt_s
+
+GRID = dict(attacks=8, rates=3, seeds=3, baselines=8)
+CIFAR = dict(n_train=50_000, n_clean=2_500, n_test=10_000)
+
+
+def _params(arch: str) -> int:
+    from defense.models import count_params, create_model
+
+    return count_params(create_model(arch))
+
+
+def project(train: dict, tsbd: dict, h100_img_s: float = 18_000.0, baselines: int = 8,
+            baseline_factor: float = 1.0, tsbd_ns: int = 1) -> dict:
+    """Per-stage seconds on one H100 for one model / one defense, and the grid total in hours."""
+    runs = {r["label"]: r for r in train["runs"]}
+    ours = tsbd["results"]["ours"]["times"]
+    on_gpu = train["machine"].startswith("GPU") and train["arch"] == "preact_resnet18"
+    if on_gpu:
+        conv = {"train_scale": 1.0, "clean_scale": 1.0, "test_scale": 1.0, "to_h100": 1.0, "param_scale": 1.0}
+        how = f"measured on {train['machine'].split(';')[0]} at CIFAR scale"
+    else:
+        ips = runs["fast"]["img_per_s_steady"]  # tiny model's CPU training rate: seconds -> image passes
+        conv = {"train_scale": CIFAR["n_train"] / train["n_train"], "clean_scale": CIFAR["n_clean"] / tsbd["n_clean"],
+                "test_scale": CIFAR["n_test"] / tsbd["n_test"], "to_h100": ips / h100_img_s,
+                "param_scale": _params("preact_resnet18") / _params(train["arch"])}
+        how = (f"CPU {train['arch']} times x {ips:.0f} img/s (measured) -> image passes, scaled to CIFAR sizes, "
+               f"/ {h100_img_s:.0f} img/s (assumed H100 PreAct-ResNet18)")
+    k = conv["to_h100"]
+    per = {
+        "attack_fast": runs["fast"]["train_s"] * conv["train_scale"] * k,
+        "attack_paper100": runs["paper"]["train_s"] / runs["paper"]["epochs"] * 100 * conv["train_scale"] * k,
+        "tsbd_unlearn": ours["unlearn"] * conv["clean_scale"] * k,
+        # NWC and zero-reinit work per weight, not per image: scale by the parameter count
+        "tsbd_nwc": ours["nwc"] * conv["param_scale"],
+        "tsbd_zero_reinit": ours["zero_reinit"] * conv["param_scale"],
+        "tsbd_finetune": ours["finetune"] * conv["clean_scale"] * k,
+        "eval": ours["final_eval"] * conv["test_scale"] * k,
+    }
+    tsbd_one = per["tsbd_unlearn"] + per["tsbd_nwc"] + tsbd_ns * (per["tsbd_zero_reinit"] + per["tsbd_finetune"])
+    models = GRID["attacks"] * GRID["rates"] * GRID["seeds"]
+    defenses = 1 + baselines
+    totals = {}
+    for recipe in ("fast", "paper100"):
+        parts = {
+            "attack training": models * per[f"attack_{recipe}"],
+            "TSBD": models * tsbd_one,
+            "baselines": models * baselines * baseline_factor * tsbd_one,
+            "evaluation": models * (1 + defenses) * per["eval"],
+        }
+        totals[recipe] = {"parts_h": {n: v / 3600 for n, v in parts.items()}, "hours": sum(parts.values()) / 3600}
+    return {"how": how, "per_stage_s": per, "tsbd_one_s": tsbd_one, "models": models,
+            "defense_runs": models * defenses, "totals": totals, "h100_img_s": h100_img_s,
+            "baseline_factor": baseline_factor, "tsbd_ns": tsbd_ns}
+
+
+def report(p: dict) -> str:
+    lines = [f"# projection: {p['how']}",
+             f"# grid: {p['models']} backdoored models, {p['defense_runs']} defense runs "
+             f"(TSBD with {p['tsbd_ns']} n value(s) + baselines at {p['baseline_factor']}x a TSBD run)",
+             "per-stage seconds on one H100, one model / one defense:"]
+    for k, v in p["per_stage_s"].items():
+        lines.append(f"  {k:18s} {fmt_s(v):>9s}")
+    for recipe, t in p["totals"].items():
+        parts = ", ".join(f"{n} {h:.2f}h" for n, h in t["parts_h"].items())
+        top = max(t["parts_h"], key=t["parts_h"].get)
+        lines.append(f"PROJECTED H100-hours, attack recipe {recipe}: {t['hours']:.2f} h ({parts}); dominated by {top}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("train_json")
+    ap.add_argument("tsbd_json")
+    ap.add_argument("--h100-img-s", type=float, default=18_000.0)
+    ap.add_argument("--baselines", type=int, default=GRID["baselines"])
+    ap.add_argument("--baseline-factor", type=float, default=1.0)
+    ap.add_argument("--tsbd-ns", type=int, default=1, help="neuron ratios per TSBD run (11 = the reference sweep)")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    p = project(json.loads(Path(a.train_json).read_text()), json.loads(Path(a.tsbd_json).read_text()),
+                a.h100_img_s, a.baselines, a.baseline_factor, a.tsbd_ns)
+    print(report(p))
+    if a.json:
+        Path(a.json).write_text(json.dumps(p, indent=1))
+    return p
+
+
+if __name__ == "__main__":
+    main()
