@@ -106,13 +106,14 @@ def connect(address: str | None, num_cpus: int | None = None, connect_timeout: f
     """Start local Ray (default) or join ``address``; True when we started it (and stop it)."""
     import ray
 
+    if address not in (None, "", "local"):
+        _check_reachable(address, connect_timeout)
     if ray.is_initialized():
         return False
     if address in (None, "", "local"):
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1",
                  include_dashboard=False, log_to_driver=False, configure_logging=False)
         return True
-    _check_reachable(address, connect_timeout)
     ray.init(address=address, log_to_driver=False, configure_logging=False)
     return True
 
@@ -231,7 +232,7 @@ def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = Non
     need, cached, corrupt = needed_stages(plan, store, out)
     res = RunResult(plan, out, cached=cached, recomputed_corrupt=corrupt)
     env = {"out": str(out), "grid": plan.grid, "spec_hash": plan.spec_hash,
-           "kill_once": os.environ.get("BDGRID_TEST_KILL_ONCE")}
+           "kill_once": os.environ.get("BDGRID_TEST_KILL_ONCE"), "fail": os.environ.get("BDGRID_TEST_FAIL")}
     prog = _Progress(plan, out, len(need), cached, show_progress, console)
     for k in plan.stages:
         if k not in need and k not in cached:

@@ -91,9 +91,12 @@ def _log(out: str, stage: Stage, seconds: float, node: str = "-") -> None:
         os.close(fd)
 
 
-def _test_kill_once(stage: Stage, env: dict) -> None:
-    """Test-only fault injection: BDGRID_TEST_KILL_ONCE=<kind> makes the first worker that runs a
-    stage of that kind die abruptly (os._exit, as an OOM kill would), once per output folder."""
+def _test_faults(stage: Stage, env: dict) -> None:
+    """Test-only fault injection. BDGRID_TEST_KILL_ONCE=<kind>: the first worker that runs a stage
+    of that kind dies abruptly (os._exit, as an OOM kill would), once per output folder.
+    BDGRID_TEST_FAIL=<kind>: every stage of that kind raises."""
+    if env.get("fail") == stage.kind:
+        raise RuntimeError(f"injected failure in a {stage.kind} stage (BDGRID_TEST_FAIL)")
     kind = env.get("kill_once")
     if kind and kind == stage.kind:
         marker = Path(env["out"]) / f".killed-{kind}"
@@ -269,7 +272,7 @@ RUNNERS = {"resource": run_resource, "attack": run_attack, "prepare": run_prepar
 
 def execute(stage: Stage, data: Any, store: ArtifactStore, env: dict) -> Any:
     """Run one stage (in a Ray worker or in-process); ``data`` is the data stage's output."""
-    _test_kill_once(stage, env)
+    _test_faults(stage, env)
     t0 = time.perf_counter()
     out = run_data(stage, env) if stage.kind == "data" else RUNNERS[stage.kind](stage, data, store, env)
     _log(env["out"], stage, time.perf_counter() - t0, env.get("node", "-"))
