@@ -134,6 +134,10 @@ from grid.tune_cli import tune as _tune  # noqa: E402
 
 app.command("tune")(_tune)
 
+from grid.attacks_cli import attacks_app as _attacks_app  # noqa: E402  (bdgrid attacks list / preview)
+
+app.add_typer(_attacks_app, name="attacks")
+
 
 def main():  # pragma: no cover
     app()
