@@ -171,19 +171,19 @@ def _kill_session(sid: int) -> None:
 @pytest.mark.slow
 def test_resume_after_sigkill(ray_session, tmp_path):
     out = tmp_path / "out"
-    text = spec(seeds="[0, 1]", defenses=NONE + FT, n=1000).replace("epochs: 1", "epochs: 3")
+    text = spec(seeds="[0, 1]", defenses=NONE + FT).replace("epochs: 1", "epochs: 2")
     (tmp_path / "spec.yaml").write_text(text)
     p = subprocess.Popen([str(BIN / "bdgrid"), "run", str(tmp_path / "spec.yaml"), "--out", str(out), "-q"],
                          start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and kinds(executed(out))["attack"] < 2:
+        while time.time() < deadline and kinds(executed(out))["attack"] < 1:
             time.sleep(0.3)
     finally:
         _kill_session(p.pid)
         p.wait()
     first = executed(out)
-    assert kinds(first)["attack"] >= 2, first
+    assert kinds(first)["attack"] >= 1, first
     assert kinds(first)["eval"] < 8  # killed mid-run, not after it finished
     res = run(out, text)
     assert res.ok, res.failed
@@ -206,9 +206,13 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_node_cluster(tmp_path):
     """A head and a second node on this machine (`ray start`), then `bdgrid run --address`."""
+    import tempfile
+
     port = _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # one auth mode for every process of the cluster
-    common = ["--block", "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}"]
+    # a short temp dir: Ray's unix sockets live under it and their paths must stay < 108 chars
+    ray_tmp = tempfile.mkdtemp(prefix="bdr", dir="/tmp")
+    common = ["--block", "--disable-usage-stats", f"--temp-dir={ray_tmp}"]
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                              "--num-cpus=1", "--include-dashboard=false", *common],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -232,7 +236,8 @@ def test_two_node_cluster(tmp_path):
         r = None
         for _ in range(60):
             probe = subprocess.run([str(BIN / "python"), "-c",
-                                    f"import ray; ray.init(address='127.0.0.1:{port}', log_to_driver=False); "
+                                    f"import ray; ray.init(address='127.0.0.1:{port}', _node_ip_address='127.0.0.1', "
+                                    f"log_to_driver=False); "
                                     f"print(len([n for n in ray.nodes() if n['Alive']]))"],
                                    env=env, capture_output=True, text=True, timeout=60)
             if probe.stdout.strip().endswith("2"):
@@ -248,18 +253,12 @@ def test_two_node_cluster(tmp_path):
         nodes = {ln.split()[4] for ln in (out / "executed.log").read_text().splitlines()}
         assert len(nodes) == 2, nodes  # stages ran on both nodes
     finally:
-        for p in procs:  # `ray start --block` stops its node's processes on SIGTERM
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                _kill_session(p.pid)
-        for p in procs:
+        for p in procs:  # SIGKILL the sessions we started (their processes only; never `ray stop`)
             _kill_session(p.pid)
+            p.wait()
+        import shutil
+
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_dead_address_fails_fast(tmp_path):
