@@ -63,12 +63,32 @@ class Timer:
         return False
 
 
+CACHE = Path(__file__).resolve().parent / "out" / "cache"  # git-ignored
+
+
+def synthetic(n_train: int, n_test: int):
+    """``load_dataset("synthetic", ...)``, cached as plain tensors so that the benchmarks of one
+    ``gpu_check.sh`` run generate the 60,000 CIFAR-scale images once, not once per script."""
+    from defense.data import Data, dataset_info, load_dataset
+
+    f = CACHE / f"synthetic_{n_train}_{n_test}.pt"
+    if f.exists():
+        d = torch.load(f, weights_only=True)
+        info = dataset_info("synthetic")
+        return Data(d["train_x"], d["train_y"], info), Data(d["test_x"], d["test_y"], info)
+    train, test = load_dataset("synthetic", n_train=n_train, n_test=n_test)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_suffix(".tmp")
+    torch.save({"train_x": train.x, "train_y": train.y, "test_x": test.x, "test_y": test.y}, tmp)
+    tmp.replace(f)  # atomic: a concurrent reader never sees half a file
+    return train, test
+
+
 def poisoned_data(attack: str, n_train: int, n_test: int, seed: int = 0, pratio: float = 0.1, target: int = 0):
     """Synthetic (train, test) and the attack's poisoned set, all on the CPU, deterministic."""
-    from defense.data import load_dataset
     from defense.trial import TrialConfig, make_poisoned
 
-    train, test = load_dataset("synthetic", n_train=n_train, n_test=n_test)
+    train, test = synthetic(n_train, n_test)
     cfg = TrialConfig(attack=attack, seed=seed, pratio=pratio, target=target, device="cpu")
     return train, test, make_poisoned(cfg, train, test)
 

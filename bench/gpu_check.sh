@@ -7,7 +7,8 @@
 #    (8 epochs, cosine compressed; 100-epoch time projected) vs fast recipe, side by side.
 #    Saves the fast backdoored model for step 2.
 # 2. tsbd_speed: our TSBD vs the transcribed reference on that model (Dc = 2,500 images).
-# 3. grid_packing: a 2-attack x 3-seed grid through bdgrid's runner with 1, 2, 4 trials per GPU.
+#    Then the 8 baselines (default parameters) on the same model, timed one by one.
+# 3. grid_packing: a 2-attack x 2-seed grid through bdgrid's runner with 1, 2, 4 trials per GPU.
 # 4. project_grid: H100-hours for the full CIFAR-10 paper grid from the measured stage times.
 #
 # Results land in $BENCH_OUT (default: $OUT when the device tool sets it, else bench/out/gpu).
@@ -35,19 +36,23 @@ step() {  # step NAME LIMIT_S CMD...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$DEST/gpu.txt"
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'torch sees no GPU'; print('torch', torch.__version__, 'cuda', torch.version.cuda)" || exit 1
 
-step train_speed 190 "$PY" bench/train_speed.py --gpu --threads "$THREADS" \
+step train_speed 180 "$PY" bench/train_speed.py --gpu --threads "$THREADS" \
   --json "$DEST/train_speed.json" --save-model "$DEST/preact_fast.pt"
-step tsbd_speed 120 "$PY" bench/tsbd_speed.py --gpu --threads "$THREADS" --model "$DEST/preact_fast.pt" \
+step tsbd_speed 100 "$PY" bench/tsbd_speed.py --gpu --threads "$THREADS" --model "$DEST/preact_fast.pt" \
   --json "$DEST/tsbd_speed.json"
-step grid_packing 170 "$PY" bench/grid_packing.py --seeds 3 --json "$DEST/grid_packing.json"
+step baselines 80 "$PY" bench/tsbd_speed.py --gpu --threads "$THREADS" --model "$DEST/preact_fast.pt" \
+  --sides "" --baselines anp,clp,fp,ft,ftsam,ibau,nad,rnp --json "$DEST/baselines.json"
+step grid_packing 130 "$PY" bench/grid_packing.py --seeds 2 --json "$DEST/grid_packing.json"
 rm -f "$DEST/preact_fast.pt"  # 45 MB; not a result
 
 echo
 echo "================ SUMMARY ($(( $(date +%s) - T0 ))s total)"
 cat "$DEST/gpu.txt"
-grep -h -E "^(RATIO|FIDELITY|PROJECTED)" "$DEST/train_speed.log" "$DEST/tsbd_speed.log" "$DEST/grid_packing.log" 2>/dev/null
+grep -h -E "^(RATIO|FIDELITY|PROJECTED|BASELINES)" "$DEST/train_speed.log" "$DEST/tsbd_speed.log" \
+  "$DEST/baselines.log" "$DEST/grid_packing.log" 2>/dev/null
 if [ -f "$DEST/train_speed.json" ] && [ -f "$DEST/tsbd_speed.json" ]; then
-  "$PY" bench/project_grid.py "$DEST/train_speed.json" "$DEST/tsbd_speed.json" --json "$DEST/projection.json" \
-    | tee "$DEST/projection.log"
+  BJ=(); [ -f "$DEST/baselines.json" ] && BJ=(--baselines-json "$DEST/baselines.json")
+  "$PY" bench/project_grid.py "$DEST/train_speed.json" "$DEST/tsbd_speed.json" "${BJ[@]}" \
+    --json "$DEST/projection.json" | tee "$DEST/projection.log"
 fi
 exit $status

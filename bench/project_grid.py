@@ -16,8 +16,8 @@ Inputs are the JSON files of ``bench/train_speed.py`` and ``bench/tsbd_speed.py`
   H100 over a V100 on small convnets (our assumption; ``gpu_check.sh`` replaces it with a
   measurement). Evaluation is forward only, yet it is converted at the training rate: conservative.
 
-Baselines are not all written yet: each is costed as ``--baseline-factor`` times one TSBD run
-(default 1.0; fine-tuning, pruning and ANP-style defenses on 5% of the data are of that order).
+Baselines: their measured times when the JSON has them (``tsbd_speed.py --baselines ...``),
+else each is costed as ``--baseline-factor`` times one TSBD run.
 NWC and zero reinitialisation work per weight: their CPU seconds are scaled by the parameter
 count ratio (PreAct-ResNet18 / the measured model) and kept as CPU seconds (an upper bound).
 """
@@ -40,7 +40,7 @@ def _params(arch: str) -> int:
 
 
 def project(train: dict, tsbd: dict, h100_img_s: float = 18_000.0, baselines: int = 8,
-            baseline_factor: float = 1.0, tsbd_ns: int = 1) -> dict:
+            baseline_factor: float = 1.0, tsbd_ns: int = 1, measured_baselines: dict | None = None) -> dict:
     """Per-stage seconds on one H100 for one model / one defense, and the grid total in hours."""
     runs = {r["label"]: r for r in train["runs"]}
     ours = tsbd["results"]["ours"]["times"]
@@ -67,6 +67,14 @@ def project(train: dict, tsbd: dict, h100_img_s: float = 18_000.0, baselines: in
         "eval": ours["final_eval"] * conv["test_scale"] * k,
     }
     tsbd_one = per["tsbd_unlearn"] + per["tsbd_nwc"] + tsbd_ns * (per["tsbd_zero_reinit"] + per["tsbd_finetune"])
+    mb = measured_baselines or {}
+    if mb:  # measured: each baseline's own time (all of it counted as per-image work on Dc)
+        base_s = sum(b["defend_s"] for b in mb.values()) * conv["clean_scale"] * k * baselines / len(mb)
+        base_how = f"measured ({', '.join(mb)})"
+    else:
+        base_s = baselines * baseline_factor * tsbd_one
+        base_how = f"assumed {baseline_factor}x a TSBD run each"
+    per["baselines_all"] = base_s
     models = GRID["attacks"] * GRID["rates"] * GRID["seeds"]
     defenses = 1 + baselines
     totals = {}
@@ -74,19 +82,19 @@ def project(train: dict, tsbd: dict, h100_img_s: float = 18_000.0, baselines: in
         parts = {
             "attack training": models * per[f"attack_{recipe}"],
             "TSBD": models * tsbd_one,
-            "baselines": models * baselines * baseline_factor * tsbd_one,
+            "baselines": models * base_s,
             "evaluation": models * (1 + defenses) * per["eval"],
         }
         totals[recipe] = {"parts_h": {n: v / 3600 for n, v in parts.items()}, "hours": sum(parts.values()) / 3600}
     return {"how": how, "per_stage_s": per, "tsbd_one_s": tsbd_one, "models": models,
             "defense_runs": models * defenses, "totals": totals, "h100_img_s": h100_img_s,
-            "baseline_factor": baseline_factor, "tsbd_ns": tsbd_ns}
+            "baseline_factor": baseline_factor, "tsbd_ns": tsbd_ns, "baselines_how": base_how}
 
 
 def report(p: dict) -> str:
     lines = [f"# projection: {p['how']}",
              f"# grid: {p['models']} backdoored models, {p['defense_runs']} defense runs "
-             f"(TSBD with {p['tsbd_ns']} n value(s) + baselines at {p['baseline_factor']}x a TSBD run)",
+             f"(TSBD with {p['tsbd_ns']} n value(s) + 8 baselines, {p['baselines_how']})",
              "per-stage seconds on one H100, one model / one defense:"]
     for k, v in p["per_stage_s"].items():
         lines.append(f"  {k:18s} {fmt_s(v):>9s}")
@@ -105,10 +113,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--baselines", type=int, default=GRID["baselines"])
     ap.add_argument("--baseline-factor", type=float, default=1.0)
     ap.add_argument("--tsbd-ns", type=int, default=1, help="neuron ratios per TSBD run (11 = the reference sweep)")
+    ap.add_argument("--baselines-json", default=None,
+                    help="a tsbd_speed --baselines JSON with measured baseline times (default: those in tsbd_json)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
-    p = project(json.loads(Path(a.train_json).read_text()), json.loads(Path(a.tsbd_json).read_text()),
-                a.h100_img_s, a.baselines, a.baseline_factor, a.tsbd_ns)
+    tsbd = json.loads(Path(a.tsbd_json).read_text())
+    mb = json.loads(Path(a.baselines_json).read_text())["baselines"] if a.baselines_json else tsbd.get("baselines")
+    p = project(json.loads(Path(a.train_json).read_text()), tsbd, a.h100_img_s, a.baselines, a.baseline_factor,
+                a.tsbd_ns, mb)
     print(report(p))
     if a.json:
         Path(a.json).write_text(json.dumps(p, indent=1))

@@ -23,6 +23,7 @@ no DataLoader, half precision, channels_last, short one-cycle-like schedules.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from _common import CIFAR_SCALE, CPU_SCALE, fmt_s, machine, poisoned_data, write_json
 
@@ -48,7 +49,13 @@ def run_recipe(label: str, recipe, arch: str, poisoned, test, bd, bd_true, targe
             return {}
         return {"test_acc": accuracy(m, test_dev)}
 
-    hist = train(model, poisoned.train, recipe, seed=seed, device=device, epochs=epochs, eval_fn=eval_fn)
+    def show(row):  # one line per epoch on stderr, so a long CPU run shows it is alive
+        acc = f" test_acc {row['test_acc']:.4f}" if "test_acc" in row else ""
+        print(f"    {label} epoch {row['epoch']}/{epochs}: {row['seconds']:.1f}s loss {row['loss']:.3f}{acc}",
+              file=sys.stderr, flush=True)
+
+    hist = train(model, poisoned.train, recipe, seed=seed, device=device, epochs=epochs, eval_fn=eval_fn,
+                 progress=show)
     final = attack_metrics(model, test_dev, bd.to(device), bd_true.to(device), target)
     secs = [h["seconds"] for h in hist]
     imgs = [h["images"] for h in hist]

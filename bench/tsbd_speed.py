@@ -232,7 +232,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--n", type=float, default=None, help="neuron ratio (default: TSBDParams.n)")
     ap.add_argument("--ft-epochs", type=int, default=None, help="Stage 2 passes - 1 (default: the reference's 20)")
     ap.add_argument("--max-un-epochs", type=int, default=None, help="cap on unlearning epochs (default 1000)")
-    ap.add_argument("--sides", default="ours,reference", help="which to run, comma-separated")
+    ap.add_argument("--sides", default="ours,reference", help="which to run, comma-separated ('' for none)")
+    ap.add_argument("--baselines", default="", help="also time these defenses (default params) on the same model, "
+                                                     "e.g. anp,clp,fp,ft,ftsam,ibau,nad,rnp")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
@@ -284,6 +286,31 @@ def main(argv=None) -> dict:
         res[side] = {"times": times, **after}
         print(f"  {side:9s} done: {fmt_s(times['total'])}, acc {after['acc']:.4f} asr {after['asr']:.4f}", flush=True)
 
+    base = {}
+    for name in [b.strip() for b in a.baselines.split(",") if b.strip()]:
+        from defense.methods import DefenseContext, run_defense
+
+        with Timer(device) as t:
+            out = run_defense(name, copy.deepcopy(model0), clean.to(device), {},
+                              DefenseContext(device=device, seed=a.seed))
+        with Timer(device) as te:
+            after = attack_metrics(out.model, test.to(device), bd.to(device), bd_true.to(device), 0)
+        base[name] = {"defend_s": t.s, "final_eval": te.s, **after}
+        print(f"  {name:9s} done: {fmt_s(t.s)}, acc {after['acc']:.4f} asr {after['asr']:.4f}", flush=True)
+    if base:
+        print(f"
+{'baseline':10s} {'defend':>8s} {'eval':>7s} {'ACC':>6s} {'ASR':>6s}")
+        for name, b in base.items():
+            print(f"{name:10s} {fmt_s(b['defend_s']):>8s} {fmt_s(b['final_eval']):>7s} {b['acc']:6.3f} {b['asr']:6.3f}")
+        tot = sum(b["defend_s"] for b in base.values())
+        print(f"BASELINES {len(base)} defenses: {fmt_s(tot)} in all"
+              + (f", {tot / res['ours']['times']['total']:.2f}x one TSBD run (ours)" if "ours" in res else ""))
+    if not res:
+        out = {"machine": machine(), "arch": a.arch, "n_train": n_train, "n_test": n_test, "n_clean": len(clean),
+               "before": before, "results": {}, "baselines": base, "summary": {}}
+        write_json(a.json, out)
+        return out
+
     stages = ["unlearn", "nwc", "zero_reinit", "finetune", "final_eval", "total"]
     print(f"\nbackdoored: ACC {before['acc']:.4f} ASR {before['asr']:.4f}")
     print(f"{'stage':12s} " + " ".join(f"{s:>12s}" for s in res) + ("   ratio ref/ours" if len(res) == 2 else ""))
@@ -311,7 +338,7 @@ def main(argv=None) -> dict:
         print(f"RATIO reference/ours, projected 11-ratio sweep: {sweep_r / sweep_o:.2f}x "
               f"({fmt_s(sweep_r)} vs {fmt_s(sweep_o)})")
     out = {"machine": machine(), "arch": a.arch, "n_train": n_train, "n_test": n_test, "n_clean": len(clean),
-           "n": n, "before": before, "results": res, "summary": summary}
+           "n": n, "before": before, "results": res, "baselines": base, "summary": summary}
     write_json(a.json, out)
     return out
 
