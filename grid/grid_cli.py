@@ -132,6 +132,9 @@ def status_cmd(out: str = typer.Option(..., "--out", "-o", help="The output fold
     if st is None:
         _fail(f"no grid state in {out} (expected {Path(out) / 'state.json'}; has `bdgrid run` started there?)")
     render(st, console)
+    from grid.run import paper_table
+
+    print(paper_table(Path(out), grid=st.get("grid")))
 
 
 def register(app: typer.Typer) -> None:

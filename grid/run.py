@@ -194,7 +194,9 @@ class _Progress:
         done, run, fail, skip = (vals.count(x) for x in ("done", "running", "failed", "skipped"))
         finished_n = done + fail + skip
         el = time.time() - self.t0
-        eta = el / done * (self.total_run - finished_n) if done else None
+        # ETA from the stages finished so far (the data stage left out: it is one quick load)
+        real = sum(1 for k, v in self.status.items() if v == "done" and self.plan.stages[k].kind != "data")
+        eta = el / real * (self.total_run - finished_n) if real else None
         if self.bar is not None:
             self.bar.update(self.task, completed=finished_n,
                             info=f"done {done} running {run} failed {fail}" + (f" skipped {skip}" if skip else ""))
@@ -323,15 +325,21 @@ def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = Non
     return res
 
 
-def paper_table(out: Path, plan: Plan, metrics=("acc", "asr", "der")) -> str:
-    """The attack x defense Markdown table of this grid's reported (test) rows."""
+def paper_table(out: Path, plan: Plan | None = None, metrics=("acc", "asr", "der"), grid: str | None = None) -> str:
+    """The attack x defense Markdown table of a grid's reported (test) rows: this plan's evals,
+    or every row of grid ``grid`` (for ``bdgrid status``)."""
     import results
 
     df = results.load(out)
     if df.empty:
-        return "(no results)"
-    keys = {s.key for s in plan.of_kind("eval")}
-    df = df[df["key"].isin(keys) & (df["split"] == "test")]
+        return "(no results yet)"
+    if plan is not None:
+        df = df[df["key"].isin({s.key for s in plan.of_kind("eval")})]
+    elif grid is not None and "grid" in df.columns:
+        df = df[df["grid"] == grid]
+    df = df[df["split"] == "test"]
+    if df.empty:
+        return "(no results yet)"
     try:
         from results.tables import markdown  # the results package's paper table (mean +- std over seeds)
 
