@@ -123,6 +123,13 @@ def _autocast(device: torch.device, p: TSBDParams):
     return torch.autocast("cuda", dtype=torch.bfloat16) if (p.bf16 and device.type == "cuda") else _null()
 
 
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    """Seed the global RNG (dropout) and return the augmentation stream, on the data's device
+    (a CUDA generator keeps crops and flips on the GPU, as ``defense.train.train`` does)."""
+    gen = seed_everything(seed)
+    return torch.Generator(device=device).manual_seed(seed) if device.type == "cuda" else gen
+
+
 def _batches(data: Data, p: TSBDParams, gen: torch.Generator):
     """Dc in its stored order every epoch (reference: DataLoader(shuffle=False)), augmented."""
     for idx in index_batches(len(data), p.batch_size, False, None):
@@ -154,7 +161,7 @@ def clean_unlearn(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseCont
     Returns a new model (``model`` is not touched) and one row per epoch.
     """
     device = pick_device(ctx.device)
-    gen = seed_everything(ctx.seed)
+    gen = _generator(ctx.seed, device)
     clean = clean.to(device)
     net = copy.deepcopy(model).to(device)
     net.train()
@@ -312,8 +319,10 @@ def activeness_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: tor
             if g is None:
                 continue
             norm = g.norm()
-            if norm > 0 and torch.isfinite(norm):  # guard: the reference would divide by 0 (NaN)
-                q.add_(r * (g / norm))
+            # Guard: a zero (or non-finite) g1 would give NaN in the reference; skip its
+            # perturbation. torch.where keeps this on the device (no host sync per tensor).
+            ok = (norm > 0) & torch.isfinite(norm)
+            q.add_(torch.where(ok, g / torch.where(ok, norm, 1.0), 0.0) * r)
     with amp:
         loss2 = F.cross_entropy(model(x).float(), y)
     g2 = torch.autograd.grad(loss2, params, allow_unused=True)
@@ -344,7 +353,7 @@ def activeness_finetune(model: nn.Module, clean: Data, p: TSBDParams, ctx: Defen
     """
     device = pick_device(ctx.device)
     # Seeded separately from Stage 1 so that a run with ctx.prepared equals one without.
-    gen = seed_everything(ctx.seed + 1)
+    gen = _generator(ctx.seed + 1, device)
     clean = clean.to(device)
     model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=p.ft_lr, momentum=p.momentum)
