@@ -248,8 +248,30 @@ def make_sampler(spec: TuneSpec):
     if s == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=spec.seed, population_size=max(4, min(50, spec.n_trials // 2)))
     if s == "grid":
-        return optuna.samplers.GridSampler({n: grid_values(d) for n, d in spec.space.items()}, seed=spec.seed)
+        return _AskTellGridSampler({n: grid_values(d) for n, d in spec.space.items()}, seed=spec.seed)
     return optuna.samplers.RandomSampler(seed=spec.seed)
+
+
+def _grid_sampler_class():
+    import optuna
+
+    class AskTellGridSampler(optuna.samplers.GridSampler):
+        """GridSampler calls ``study.stop()`` once the grid is exhausted, which raises outside
+        ``study.optimize``; under ask/tell the driver's ``n_trials`` bound ends the study instead
+        (the tell itself is already stored when after_trial raises: Optuna's _tell.py)."""
+
+        def after_trial(self, study, trial, state, values):
+            try:
+                super().after_trial(study, trial, state, values)
+            except RuntimeError as e:
+                if "Study.stop" not in str(e):
+                    raise
+
+    return AskTellGridSampler
+
+
+def _AskTellGridSampler(*a, **kw):
+    return _grid_sampler_class()(*a, **kw)
 
 
 def open_study(spec: TuneSpec, storage=None):

@@ -268,6 +268,12 @@ def check_spec(spec: TuneSpec, where: str = "spec") -> list[str]:
         if spec.sampler == "grid" and d.type == "float" and d.step is None and d.choices is None:
             problems.append(f"{where}: space.{name}: the grid sampler needs finite values: give 'step' "
                             f"or use type: categorical")
+    if spec.sampler == "grid" and not any(_check_dist(n, d, "") for n, d in spec.space.items()):
+        size = 1
+        for d in spec.space.values():
+            size *= len(grid_values(d)) if (d.type != "float" or d.step is not None) else 0
+        if size and spec.n_trials > size:
+            problems.append(f"{where}: n_trials: {spec.n_trials} exceeds the {size} points of the grid")
     if entry is not None:
         names = list(entry.defaults())
         for name in spec.space:
@@ -277,10 +283,12 @@ def check_spec(spec: TuneSpec, where: str = "spec") -> list[str]:
         for name in spec.params:
             if name in spec.space:
                 problems.append(f"{where}: params.{name}: also in space; fix it or tune it, not both")
+        fixed = dict(spec.params)
         try:
             entry.make_params(spec.params)
         except BadParams as e:
             problems += [f"{where}: params: {p}" for p in e.problems]
+            fixed = {}  # check the range ends against the defaults instead
         # the ends of every range (and every choice) must be valid parameter values
         ok_names = [n for n in spec.space if n in names and not _check_dist(n, spec.space[n], "")]
         for name in ok_names:
@@ -289,10 +297,9 @@ def check_spec(spec: TuneSpec, where: str = "spec") -> list[str]:
             for v in vals:
                 v = int(v) if d.type == "int" else v
                 try:
-                    entry.make_params({**spec.params, name: v})
+                    entry.make_params({**{k: x for k, x in fixed.items() if k in names}, name: v})
                 except BadParams as e:
-                    problems += [f"{where}: space.{name}: value {v!r}: {p}" for p in e.problems
-                                 if name in p or len(e.problems) == 1]
+                    problems += [f"{where}: space.{name}: value {v!r}: {p}" for p in e.problems]
 
     # ---- cells
     if not spec.tune_on:
