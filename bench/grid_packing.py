@@ -76,6 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--defenses", default="none,tsbd")
     ap.add_argument("--epochs", type=int, default=4, help="fast-recipe epochs of each attack training")
+    ap.add_argument("--no-warmup", action="store_true", help="measure cold: k=1 then pays the workers' start-up")
     ap.add_argument("--cpu-smoke", action="store_true", help="run the code path on the CPU (not a measurement)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -101,6 +102,12 @@ def main(argv=None) -> int:
               f"defenses {a.defenses}, fast recipe {a.epochs} epochs; {'GPU' if gpu else 'CPU smoke'}")
         rows = []
         with tempfile.TemporaryDirectory(prefix="bdgrid-packing-") as d:
+            if not a.no_warmup:
+                # Untimed: start max(k) Ray workers and pay their imports and CUDA/cuDNN set-up once,
+                # so that k=1 (measured first) is not charged for the cold start of every later run.
+                warm = argparse.Namespace(**{**vars(a), "seeds": max(ks), "epochs": 1, "defenses": "none"})
+                w = run_k(max(ks), warm, gpu, Path(d) / "warmup")
+                print(f"  warm-up ({max(ks)} workers): {fmt_s(w['wall_s'])}", flush=True)
             for k in ks:
                 r = run_k(k, a, gpu, Path(d))
                 rows.append(r)

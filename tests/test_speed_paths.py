@@ -92,24 +92,43 @@ def _bench(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedP
                           timeout=timeout, cwd=ROOT)
 
 
-def test_train_speed_bench_runs_on_cpu(tmp_path):
-    out = tmp_path / "ts.json"
-    r = _bench("train_speed.py", "--n-train", "600", "--n-test", "200", "--paper-epochs", "2", "--fast-epochs", "2",
-               "--json", str(out), "--save-model", str(tmp_path / "fast.pt"))
-    assert r.returncode == 0, r.stderr
-    assert "RATIO fast/paper images/s" in r.stdout and "FIDELITY" in r.stdout
+@pytest.mark.slow
+def test_benchmarks_run_end_to_end_on_cpu(tmp_path):
+    """train_speed -> (saved model) -> tsbd_speed (ours, reference, one baseline) -> project_grid,
+    at toy scale: the chain gpu_check.sh runs at CIFAR scale."""
     import json
 
-    res = json.loads(out.read_text())
+    ts, tb = tmp_path / "ts.json", tmp_path / "tb.json"
+    sizes = ("--n-train", "600", "--n-test", "200", "--threads", "1")
+    r = _bench("train_speed.py", *sizes, "--paper-epochs", "2", "--fast-epochs", "2",
+               "--json", str(ts), "--save-model", str(tmp_path / "fast.pt"))
+    assert r.returncode == 0, r.stderr
+    assert "RATIO fast/paper images/s" in r.stdout and "FIDELITY" in r.stdout
+    res = json.loads(ts.read_text())
     assert [x["label"] for x in res["runs"]] == ["paper", "fast"]
-    assert all(x["img_per_s"] > 0 for x in res["runs"])
+    assert all(x["img_per_s"] > 0 and x["cpu_s"] > 0 for x in res["runs"])
     ck = torch.load(tmp_path / "fast.pt", weights_only=True)
     assert ck["arch"] == "tiny_cnn" and "linear.weight" in ck["state_dict"]
 
+    r = _bench("tsbd_speed.py", *sizes, "--model", str(tmp_path / "fast.pt"), "--ft-epochs", "0",
+               "--max-un-epochs", "2", "--baselines", "ft", "--json", str(tb))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(tb.read_text())
+    for side in ("ours", "reference"):
+        t = res["results"][side]["times"]
+        assert 1 <= t["unlearn_epochs"] <= 2 and t["total"] > 0
+        assert t["total"] >= t["unlearn"] + t["finetune"]
+    assert res["baselines"]["ft"]["defend_s"] > 0
+    assert "RATIO reference/ours" in r.stdout
 
-def test_grid_packing_needs_gpu_and_exits_cleanly():
+    r = _bench("project_grid.py", str(ts), str(tb))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("PROJECTED H100-hours") == 2
+
+
+def test_grid_packing_without_gpu_says_so_and_exits_0():
+    if torch.cuda.is_available():  # there it is a real benchmark (minutes), not a unit test
+        pytest.skip("a GPU is present: grid_packing.py would run the benchmark")
     r = _bench("grid_packing.py", timeout=120)
-    if torch.cuda.is_available():  # on a GPU machine this is a real benchmark, not for the test suite
-        return
     assert r.returncode == 0, r.stderr
     assert "needs a GPU" in r.stdout
