@@ -121,6 +121,7 @@ class ResourceCache:
 def _atomic_write(path: Path, blob: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache is read by other users' workers
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
             f.flush()
