@@ -119,6 +119,7 @@ def prune_by_masks(model, clean, masks, *, pruning_max, pruning_step, acc_ratio)
     per_layer = {name: int((m <= t).sum()) if t is not None else 0 for (name, _), m in zip(layers, masks)}
     diag = {"threshold": t, "n_pruned": n, "n_neurons": int(sum(len(m) for m in masks)),
             "pruned_per_layer": {k: v for k, v in per_layer.items() if v}, "clean_acc": clean_acc(net, clean),
+            "mask_scores": {name: [round(float(v), 6) for v in m.tolist()] for (name, _), m in zip(layers, masks)},
             "mask_quantiles": [float(q) for q in torch.quantile(torch.cat(masks).float().cpu(),
                                                                 torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0]))]}
     return net, diag, curve

@@ -7,9 +7,10 @@
    2017, as BackdoorBench's ``AT`` class).
 
 Which layers, for any model: one probe forward records every submodule's output; for each
-spatial resolution larger than 1x1, the last module that outputs it (the outermost
-container finishing at that resolution) is that stage's output; the deepest three
-resolutions are used, shallowest first (beta1, beta2, beta3). On PreAct-ResNet18 this picks
+spatial resolution larger than 1x1, the outermost module (fewest dots in its name) that
+outputs it, the last such one if several, is that stage's output (outermost, so that a
+pre-activation BN of the next stage, which still runs at the old resolution, is not taken);
+the deepest three resolutions are used, shallowest first (beta1, beta2, beta3). On PreAct-ResNet18 this picks
 ``layer2``, ``layer3``, ``layer4`` (the groups NAD's reference uses for WRN); on tiny_cnn and
 VGG19-BN the post-ReLU output of the last conv block at each of the last three resolutions.
 
@@ -79,11 +80,13 @@ def attention_layers(model: nn.Module, x: torch.Tensor, k: int = 3) -> list[str]
         for h in hooks:
             h.remove()
         model.train(was)
-    last: dict[tuple[int, int], str] = {}  # insertion order = order of first appearance
+    best: dict[tuple[int, int], tuple[int, str]] = {}  # insertion order = order of first appearance
     for name, hw in seen:
         if hw[0] * hw[1] > 1:
-            last[hw] = name
-    names = list(last.values())[-k:]
+            depth = name.count(".")
+            if hw not in best or depth <= best[hw][0]:  # outermost module; the last one among equals
+                best[hw] = (depth, name)
+    names = [name for _, name in best.values()][-k:]
     if len(names) < k:
         raise ValueError(f"NAD needs {k} spatial stages, found {len(names)}: {names}")
     return names

@@ -93,7 +93,7 @@ def prune_ranked(model, clean, ranking: list[tuple[str, int]], acc_ratio: float,
     acc0 = clean_acc(model, clean)
     step = max(1, math.ceil(len(ranking) * once_prune_ratio))
     kept, curve = 0, [{"phase": "prune", "pruned": 0, "clean_acc": acc0}]
-    for k in range(step, len(ranking) + 1, step):
+    for k in range(step, len(ranking), step):  # never every neuron (FP keeps one channel too)
         m = copy.deepcopy(model)
         for layer, w in channel_masks(m, ranking[:k]).items():
             m.get_submodule(layer).weight.mul_(w)
