@@ -298,8 +298,7 @@ def main(argv=None) -> dict:
         base[name] = {"defend_s": t.s, "final_eval": te.s, **after}
         print(f"  {name:9s} done: {fmt_s(t.s)}, acc {after['acc']:.4f} asr {after['asr']:.4f}", flush=True)
     if base:
-        print(f"
-{'baseline':10s} {'defend':>8s} {'eval':>7s} {'ACC':>6s} {'ASR':>6s}")
+        print(f"\n{'baseline':10s} {'defend':>8s} {'eval':>7s} {'ACC':>6s} {'ASR':>6s}")
         for name, b in base.items():
             print(f"{name:10s} {fmt_s(b['defend_s']):>8s} {fmt_s(b['final_eval']):>7s} {b['acc']:6.3f} {b['asr']:6.3f}")
         tot = sum(b["defend_s"] for b in base.values())
