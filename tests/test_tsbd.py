@@ -360,6 +360,7 @@ def test_unlearning_stops_at_the_threshold(tiny_setup):
     assert TSBDParams(un_threshold="chance+margin", un_margin=0.05).threshold(10) == pytest.approx(0.15)
 
 
+@pytest.mark.slow  # two unlearning runs and three fine-tuning passes on 200 images
 def test_prepare_round_trips_registry_and_sweep(tiny_setup):
     model, clean = tiny_setup
     before = copy.deepcopy(model.state_dict())
