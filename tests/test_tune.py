@@ -193,7 +193,7 @@ def test_objectives_never_read_the_reported_test_split(model_state, ray_address,
     for spec in (clean, garbled):
         tune.run_study(spec)
         values[spec.study] = {t.params["n"]: t.values for t in tune.open_study(spec).trials}
-    assert values["clean"] == values["garbled"] and len(values["clean"]) == 2
+    assert values["clean"] == values["garbled"] and len(values["clean"]) == 2, values
 
     rep = {spec.study: tune.evaluate_on_test(spec, {"tuned": {"n": 0.0, "epochs": 0}})[0] for spec in (clean, garbled)}
     # the reported split really is garbage there: random labels give chance-level accuracy
