@@ -100,6 +100,8 @@ def test_bn_layer_type_scores_batchnorm_scales():
     assert list(nwc.neuron) == ["1"]
     torch.testing.assert_close(nwc.neuron["1"], torch.tensor([0.2, 0.7]))
     assert nwc.ranking == [("1", 1), ("1", 0)]
+    model, counts = zero_reinit(m0, nwc, n=0.5, m=1.0)  # the top BN scale is zeroed, nothing else
+    assert model[1].weight.tolist() == [1.0, 0.0] and counts == {"1": {"neurons": 1, "weights": 1}}
 
 
 def test_preact_resnet18_has_3904_scored_neurons_in_17_convs():

@@ -285,7 +285,7 @@ def zero_reinit(model0: nn.Module, nwc: NWC, n: float, m: float) -> tuple[nn.Mod
     for layer, j in top:
         mask = nwc.weight[layer][j] >= tau
         w = model.get_submodule(layer).weight
-        w.data[j].view(-1)[mask.to(w.device)] = 0.0
+        w.data[j][mask.to(w.device).view(w.shape[1:])] = 0.0  # logical order: any memory format
         c = counts.setdefault(layer, {"neurons": 0, "weights": 0})
         c["neurons"] += 1
         c["weights"] += int(mask.sum())
