@@ -365,6 +365,10 @@ def ensure_models(spec: TuneSpec, cells: list[Cell], log_fn=log.info) -> dict[st
     in parallel) and saved atomically."""
     import ray
 
+    if spec.grid:  # the grid's artifact store, trained by the grid runner when missing
+        from grid import tune_grid
+
+        return tune_grid.models(spec.grid, cells, spec.grid_out, spec.artifacts, log_fn)
     states, pending = {}, {}
     for c in cells:
         p = model_path(spec, c)

@@ -112,6 +112,11 @@ class TuneSpec(BaseModel):
     device: str = "auto"
     imports: list[str] = Field(default_factory=list)  # modules registering extra defenses/attacks
     stale_after_s: float = 900.0  # a RUNNING trial of another host with no heartbeat for this long is failed
+    # Tune on cells of a grid spec (tune_on/report_on are then filters over its cells, and the
+    # backdoored models come from the grid's artifact store): see grid/tune_grid.py.
+    grid: Optional[str] = None  # path, relative to the tune spec
+    grid_out: Optional[str] = None  # the grid's output folder (default: its `out`, else runs/<name>)
+    artifacts: Optional[str] = None  # the grid's artifact root (default: as `bdgrid run` picks it)
 
     @field_validator("study")
     @classmethod
@@ -122,6 +127,10 @@ class TuneSpec(BaseModel):
 
     # ---- derived
     def cells(self, which: str = "tune_on") -> list[Cell]:
+        if self.grid:
+            from grid import tune_grid
+
+            return tune_grid.select(self.grid, getattr(self, which))
         return [Cell(**{**self.base, **c}) for c in getattr(self, which)]
 
     def directions(self) -> list[str]:
@@ -149,6 +158,8 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Tune
     if not isinstance(raw, dict):
         raise SpecError([f"{p}: expected a mapping at the top level"])
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if isinstance(raw.get("grid"), str) and not Path(raw["grid"]).is_absolute():
+        raw["grid"] = str(p.resolve().parent / raw["grid"])  # relative to the tune spec
     return parse_spec(raw, where=str(p))
 
 
@@ -304,6 +315,12 @@ def check_spec(spec: TuneSpec, where: str = "spec") -> list[str]:
     # ---- cells
     if not spec.tune_on:
         problems.append(f"{where}: tune_on: name at least one backdoored model (cell) to tune on")
+    if spec.grid:
+        from grid import tune_grid
+
+        if spec.base:
+            problems.append(f"{where}: base: not used with grid (the grid spec defines the cells)")
+        return problems + tune_grid.check(spec.grid, {"tune_on": spec.tune_on, "report_on": spec.report_on}, where)
     seen = {}
     for which in ("tune_on", "report_on"):
         for i, raw in enumerate(getattr(spec, which)):

@@ -302,3 +302,47 @@ def test_killed_study_resumes_without_losing_or_double_counting(model_state, ray
         assert len(retry) == 1 and retry[0].state.name == "COMPLETE" and retry[0].params == orphans[n]
     assert states(spec)["complete"] == 6  # exactly the target: none double-counted
     assert len(s["told"]) == 6 - len(done_before)
+
+
+def test_tune_on_grid_cells_reuses_the_grid_store(model_state, ray_address, tmp_path):
+    """`grid:` in a tune spec: cells from the grid's expansion, models from its artifact store
+    (trained there by the grid runner when missing, then reused, never retrained)."""
+    import yaml
+
+    from grid import tune
+    from grid.plan import build_plan
+    from grid.run import artifact_root
+    from grid.spec import load_spec
+    from grid.store import ArtifactStore
+    from grid.tune_spec import SpecError, load_spec as load_tune
+
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(dict(
+        name="g", datasets=[{"name": "synthetic", "params": DATA}], archs=["tiny_cnn"], attacks=["badnets", "blended"],
+        pratios=[0.1], seeds=[0], defenses=["none"], recipe="fast", epochs=2)))
+    raw = dict(study="g", defense="tune_probe", imports=["test_tune_plugins"], grid="g.yaml",
+               grid_out=str(tmp_path / "gout"), params={"epochs": 0}, space={"n": {"low": 0.0, "high": 0.3}},
+               sampler="random", n_trials=2, out=str(tmp_path / "tune"), tune_on=[{"attack": "badnets"}])
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(raw))
+    spec = load_tune(tmp_path / "t.yaml")
+    [cell] = spec.cells()
+    assert (cell.attack, cell.epochs, cell.recipe, cell.dataset_params) == ("badnets", 2, "fast", DATA)
+
+    s = tune.run_study(spec)
+    assert s["counts"]["complete"] == 2
+    ls, _ = load_spec(tmp_path / "g.yaml")
+    store = ArtifactStore(artifact_root(ls, tmp_path / "gout"))
+    keys = {st.info["attack"]: st.key for st in build_plan(ls).of_kind("attack")}
+    assert store.exists("attack", keys["badnets"]) and not store.exists("attack", keys["blended"])
+    f = Path(store.path("attack", keys["badnets"]))
+    mtime = f.stat().st_mtime_ns
+    states = tune.ensure_models(spec, [cell])
+    stored = store.get("attack", keys["badnets"])["state"]
+    assert all(torch.equal(states[cell.key()][k], v) for k, v in stored.items())
+    assert f.stat().st_mtime_ns == mtime  # reused, not retrained
+
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**raw, "tune_on": [{"attack": "wanet"}, {"atack": "x"}]}))
+    with pytest.raises(SpecError) as e:
+        load_tune(tmp_path / "bad.yaml")
+    text = "\n".join(e.value.problems)
+    assert "tune_on[0]: {'attack': 'wanet'} matches no cell" in text
+    assert "tune_on[1].atack: not a cell axis of a grid (did you mean 'attack'?)" in text
