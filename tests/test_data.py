@@ -155,15 +155,20 @@ def test_synthetic_classes_balanced_and_images_varied(small_data):
 
 
 @pytest.mark.slow
-def test_tiny_cnn_learns_synthetic(small_data):
-    """tiny_cnn, fast recipe, on the shared 4000/1000 synthetic set: >= 85% clean test accuracy."""
+def test_tiny_cnn_learns_synthetic():
+    """tiny_cnn, fast recipe, default synthetic sizes (10k/2k): >= 85% clean test accuracy.
+
+    The default size, not the 4000-image fixture: with 4000 images the fast recipe's one-cycle
+    has too few steps and diverges at its peak learning rate (seed 0 ends near chance).
+    8 epochs measured 0.88-0.93 here; 10 leave a margin.
+    """
     from defense.metrics import accuracy
     from defense.models import create_model
     from defense.train import get_recipe, train
 
-    tr, te = small_data
+    tr, te = load_dataset("synthetic")
     model = create_model("tiny_cnn", num_classes=10, in_channels=3, image_size=32)
-    hist = train(model, tr, get_recipe("fast"), seed=0, epochs=12, device="cpu")
+    hist = train(model, tr, get_recipe("fast"), seed=0, epochs=10, device="cpu")
     acc = accuracy(model, te)
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert acc >= 0.85, acc
