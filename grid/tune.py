@@ -172,8 +172,8 @@ def trial_cell(inp: TuneInputs, defense: str, params: dict, prepared, imports: l
             "wall_s": time.perf_counter() - t0, "device": str(dev)}
 
 
-def final_cell(cell_dict: dict, state: dict, defense: str, params: dict, imports: list[str], threads: float,
-               device: str) -> dict:
+def final_cell(cell_dict: dict, state: dict, defense: str, params: dict, prepared, imports: list[str],
+               threads: float, device: str) -> dict:
     """Reporting only (after tuning): defend with ``params`` and score on the REPORTED test split."""
     from defense.data.splits import defender_subset
     from defense.methods import DefenseContext, run_defense
@@ -194,7 +194,8 @@ def final_cell(cell_dict: dict, state: dict, defense: str, params: dict, imports
     before = evaluate(model, test_set, poisoned, test_idx, cell.target, dev)
     t0 = time.perf_counter()
     clean = defender_subset(train_set, cell.defender_ratio, cell.seed)[0].to(dev)
-    res = run_defense(defense, copy.deepcopy(model), clean, params, DefenseContext(device=dev, seed=cell.seed))
+    res = run_defense(defense, copy.deepcopy(model), clean, params,
+                      DefenseContext(device=dev, seed=cell.seed, prepared=_to(prepared, dev)))
     after = evaluate(res.model, test_set, poisoned, test_idx, cell.target, dev)
     return {**after, "der": der(before["acc"], before["asr"], after["acc"], after["asr"]),
             "bd_acc": before["acc"], "bd_asr": before["asr"], "bd_ra": before["ra"],
@@ -390,6 +391,66 @@ def ensure_models(spec: TuneSpec, cells: list[Cell], log_fn=log.info) -> dict[st
     return states
 
 
+# ============================================================================ shared prepare()
+
+class Prepared:
+    """The defense's prepare() results (TSBD Stages 1a/1b), one per cell and distinct value of the
+    defense's ``shared`` parameters: an ObjectRef every trial that needs it receives, and a
+    checkpoint under <out>/prepared/ (torch.save; read back with weights_only=True) so a resumed
+    study or the final evaluation does not compute it again."""
+
+    def __init__(self, spec: TuneSpec, entry):
+        self.spec, self.entry = spec, entry
+        self.fn, self.shared = entry.meta.get("prepare"), tuple(entry.meta.get("shared", ()))
+        self.refs: dict[str, Any] = {}
+        self.computed = 0  # prepare() tasks launched by this driver
+
+    def key(self, cell: Cell, params: dict) -> str:
+        import hashlib
+
+        full = _full_params(self.entry, params)
+        blob = json.dumps({k: full.get(k) for k in self.shared}, sort_keys=True, default=str)
+        return f"{cell.key()}-{hashlib.sha256(f'{self.spec.defense}|{blob}'.encode()).hexdigest()[:12]}"
+
+    def path(self, key: str) -> Path:
+        return self.spec.out_dir() / "prepared" / f"{key}.pt"
+
+    def ref(self, cell: Cell, params: dict, inputs_ref):
+        """ObjectRef of the prepare() result for this cell and params, or None if the defense has none."""
+        import ray
+
+        if self.fn is None:
+            return None
+        k = self.key(cell, params)
+        if k not in self.refs:
+            p = self.path(k)
+            if p.exists():
+                self.refs[k] = ray.put(torch.load(p, map_location="cpu", weights_only=True))
+            else:
+                res = self.spec.resources
+                self.refs[k] = remote(prepare_cell, res).remote(inputs_ref, self.spec.defense, params,
+                                                                self.spec.imports, res.num_cpus, self.spec.device)
+                self.computed += 1
+        return self.refs[k]
+
+    def save_ready(self) -> None:
+        """Checkpoint every finished prepare() result not yet on disk (atomic rename)."""
+        import ray
+
+        for k, r in self.refs.items():
+            p = self.path(k)
+            if p.exists() or not ray.wait([r], timeout=0)[0]:
+                continue
+            try:
+                val = ray.get(r)
+            except Exception:  # a failing prepare fails its trials; nothing to keep
+                continue
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_suffix(f".{os.getpid()}.tmp")
+            torch.save(val, tmp)
+            os.replace(tmp, p)
+
+
 # ============================================================================ the driver loop
 
 def _full_params(entry, params: dict) -> dict:
@@ -417,12 +478,11 @@ def run_study(spec: TuneSpec, address: str | None = None, log_fn: Callable[[str]
     inputs = {c.key(): ray.put(build_inputs(c, states[c.key()])) for c in cells}
 
     entry = DEFENSES.get(spec.defense)
-    prepare, shared = entry.meta.get("prepare"), entry.meta.get("shared", ())
     dists = {n: distribution(d) for n, d in spec.space.items()}
     res, me = spec.resources, owner_id()
-    prepared: dict[tuple, Any] = {}  # (cell key, shared values) -> ObjectRef of prepare()
+    prepared = Prepared(spec, entry)
     inflight: dict[int, tuple] = {}  # trial number -> (trial, {cell key: ref})
-    told, failed, n_prepare = [], [], 0
+    told, failed = [], []
     max_fail = spec.max_failures if spec.max_failures is not None else spec.n_trials
     last_beat = time.time()
     while True:
@@ -434,17 +494,9 @@ def run_study(spec: TuneSpec, address: str | None = None, log_fn: Callable[[str]
             study._storage.set_trial_user_attr(trial._trial_id, OWNER_ATTR, me)
             study._storage.set_trial_user_attr(trial._trial_id, HEARTBEAT_ATTR, time.time())
             params = {**spec.params, **trial.params}
-            full = _full_params(entry, params)
             refs = {}
             for cell in cells:
-                pref = None
-                if prepare is not None:
-                    sk = (cell.key(), json.dumps({k: full.get(k) for k in shared}, sort_keys=True, default=str))
-                    if sk not in prepared:
-                        prepared[sk] = remote(prepare_cell, res).remote(
-                            inputs[cell.key()], spec.defense, params, spec.imports, res.num_cpus, spec.device)
-                        n_prepare += 1
-                    pref = prepared[sk]
+                pref = prepared.ref(cell, params, inputs[cell.key()])
                 refs[cell.key()] = remote(trial_cell, res).remote(
                     inputs[cell.key()], spec.defense, params, pref, spec.imports, res.num_cpus, spec.device)
             inflight[trial.number] = (trial, refs)
@@ -452,6 +504,7 @@ def run_study(spec: TuneSpec, address: str | None = None, log_fn: Callable[[str]
             break
         all_refs = [r for _, refs in inflight.values() for r in refs.values()]
         ray.wait(all_refs, num_returns=1, timeout=HEARTBEAT_EVERY_S)
+        prepared.save_ready()
         if time.time() - last_beat > HEARTBEAT_EVERY_S:
             for trial, _ in inflight.values():
                 study._storage.set_trial_user_attr(trial._trial_id, HEARTBEAT_ATTR, time.time())
@@ -481,7 +534,7 @@ def run_study(spec: TuneSpec, address: str | None = None, log_fn: Callable[[str]
                    f"params {trial.params}")
     c = counts(study)
     summary = {"study": spec.study, "storage": spec.storage_url(), "told": told, "failed": failed,
-               "recovered": recovered, "n_prepare": n_prepare, "counts": c}
+               "recovered": recovered, "n_prepare": prepared.computed, "counts": c}
     if c["complete"]:
         summary["best"] = str(write_best(spec, study))
     return summary
@@ -608,14 +661,25 @@ def evaluate_on_test(spec: TuneSpec, params_sets: dict[str, dict], which=("tune_
     REPORTED test split; rows also go to the results table with ``tuned_on``."""
     import ray
 
+    from defense.methods import DEFENSES
+
+    for m in spec.imports:
+        importlib.import_module(m)
     init_ray(address)
     cells = [c for w in which for c in spec.cells(w)]
     states = ensure_models(spec, cells)
+    prepared = Prepared(spec, DEFENSES.get(spec.defense))
+    inputs = {}
     jobs = []
     for name, params in params_sets.items():
         for c in cells:
+            pref = None
+            if prepared.fn is not None:  # prepare() reads the model and the defender's data only
+                if c.key() not in inputs:
+                    inputs[c.key()] = ray.put(build_inputs(c, states[c.key()]))
+                pref = prepared.ref(c, params, inputs[c.key()])
             jobs.append((name, params, c, remote(final_cell, spec.resources).remote(
-                c.model_dump(), states[c.key()], spec.defense, params, spec.imports, spec.resources.num_cpus,
+                c.model_dump(), states[c.key()], spec.defense, params, pref, spec.imports, spec.resources.num_cpus,
                 spec.device)))
     rows = []
     for name, params, c, ref in jobs:
@@ -628,6 +692,7 @@ def evaluate_on_test(spec: TuneSpec, params_sets: dict[str, dict], which=("tune_
         key = f"{_study_key(spec)}-{name}-{c.key()[:8]}"
         write_rows(spec.out_dir(), f"tune-final-{name}", key, [row], table="results")
         rows.append(row)
+    prepared.save_ready()
     return rows
 
 

@@ -118,6 +118,7 @@ def test_small_study_records_all_trials_and_shares_prepare(model_state, ray_addr
     assert sorted(s["told"]) == list(range(8))
     # Stages "1a/1b" (prepare) ran once for the one model: only n and lr were tuned
     assert s["n_prepare"] == 1 and n_prepare_calls(tmp_path) == 1
+    assert len(list((spec.out_dir() / "prepared").glob("*.pt"))) == 1  # checkpointed for resume/evaluation
 
     study = tune.open_study(spec)
     rows = results.load(spec.out_dir(), table="trials")
@@ -290,7 +291,9 @@ def test_killed_study_resumes_without_losing_or_double_counting(model_state, ray
     orphans = {t.number: t.params for t in study.trials if t.state.name == "RUNNING"}
     assert len(done_before) >= 2 and orphans
 
+    assert n_prepare_calls(tmp_path) == 1
     s = tune.run_study(spec)  # the rerun (same spec, same journal)
+    assert s["n_prepare"] == 0 and n_prepare_calls(tmp_path) == 1  # Stages "1a/1b" read back from disk
     study = tune.open_study(spec)
     by_number = {t.number: t for t in study.trials}
     assert sorted(s["recovered"]) == sorted(orphans)
