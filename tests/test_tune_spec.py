@@ -87,9 +87,10 @@ def test_example_spec_checks_clean(tmp_path):
 
     from grid.cli import app
 
-    r = CliRunner().invoke(app, ["tune", str(EXAMPLE), "--check"])
-    assert r.exit_code == 0, r.output
-    assert "ok" in r.output
+    for example in (EXAMPLE, REPO / "examples" / "tune-on-grid.yaml"):
+        r = CliRunner().invoke(app, ["tune", str(example), "--check"])
+        assert r.exit_code == 0, r.output
+        assert "ok (1 cell(s) to tune on, 4 parameter(s)" in " ".join(r.output.split())
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(raw_spec(defense="tsdb", sampler="cmaes")))
     r = CliRunner().invoke(app, ["tune", str(bad), "--check"])
