@@ -165,3 +165,26 @@ def test_resources_reused_from_cache(data, tmp_path):
         assert torch.equal(first.backdoor_test(None)[0].x, second.backdoor_test(None)[0].x)
     # the clean reference model was trained once, for LF, and reused by TrojanNN
     assert sum(1 for k in cache.computed) == 5  # mask, clean model, lf trigger, encoder, trojan trigger
+
+
+def test_cli_list_and_preview(tmp_path):
+    from typer.testing import CliRunner
+
+    from grid.cli import app
+
+    r = CliRunner().invoke(app, ["attacks", "list"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    for name in TINY:
+        assert name in r.output
+    assert "cross_ratio=2.0" in r.output and "inputaware_mask" in r.output
+    r = CliRunner().invoke(app, ["attacks", "preview", "--out", str(tmp_path / "pv"), "-a", "badnets", "-a", "wanet",
+                                 "--data-param", "n_train=200", "--data-param", "n_test=100", "--n", "2",
+                                 "--resources", str(tmp_path / "res"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    from PIL import Image
+
+    for name in ("badnets", "wanet"):
+        im = Image.open(tmp_path / "pv" / f"{name}.png")
+        assert im.size[0] > 100 and im.size[1] > 100
+    r = CliRunner().invoke(app, ["attacks", "preview", "-a", "wanet", "-p", "wanet.kk=3", "--out", str(tmp_path)])
+    assert r.exit_code != 0 and "did you mean 'k'" in r.output

@@ -47,7 +47,7 @@ from defense.data.augment import normalize, to_float
 from defense.resources import data_fingerprint, get_resource
 from defense.train import index_batches, make_batch, pick_device
 
-VERSION = "1"
+VERSION = "2"
 EPS = 1e-7  # BackdoorBench EPSILON
 
 
@@ -112,8 +112,10 @@ def threshold(m: torch.Tensor) -> torch.Tensor:
 
 def diversity(a: torch.Tensor, b: torch.Tensor, pa: torch.Tensor, pb: torch.Tensor) -> torch.Tensor:
     """mean over pairs of RMS(a - b) / RMS(pa - pb)."""
-    di = (a - b).pow(2).mean(dim=(1, 2, 3)).sqrt()
-    dp = (pa - pb).pow(2).mean(dim=(1, 2, 3)).sqrt()
+    # + 1e-12 under the root: the gradient of sqrt at 0 is infinite, and two saturated masks can be
+    # exactly equal in float32, which would turn the generator's weights into NaN
+    di = (a - b).pow(2).mean(dim=(1, 2, 3)).add(1e-12).sqrt()
+    dp = (pa - pb).pow(2).mean(dim=(1, 2, 3)).add(1e-12).sqrt()
     return (di / (dp + EPS)).mean()
 
 

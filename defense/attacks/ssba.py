@@ -9,7 +9,8 @@ trains a small StegaStamp-style encoder/decoder on the attacked dataset itself (
 
 - encoder: the secret (``bits`` bits) -> a linear map to a (C, H/4, W/4) tensor, upsampled to the
   image size (StegaStamp: 100 bits -> 3x50x50 -> 400x400), concatenated with the image, a small
-  conv net -> residual; the encoded image is ``clip(x + residual)``;
+  conv net -> residual, plus the upsampled secret map itself (a skip connection, so that a
+  short training already hides the secret); the encoded image is ``clip(x + residual)``;
 - decoder: a small conv net -> bit logits;
 - loss: BCE(bits) + ``l2_weight`` * mean over images of relu(mean(residual^2) - budget), the budget
   set by ``psnr`` (27 dB, what the SSBA paper reports for its poisoned images): the residual is
@@ -34,7 +35,7 @@ from defense.data.augment import normalize, to_float
 from defense.resources import data_fingerprint, get_resource
 from defense.train import index_batches, pick_device
 
-VERSION = "1"
+VERSION = "2"
 
 
 @dataclass
@@ -72,7 +73,10 @@ class Encoder(nn.Module):
         """Residual on the [0, 1] scale for normalised images and {0, 1} bits."""
         s = self.secret(bits * 2 - 1).view(-1, self.c, self.s, self.s)
         s = F.interpolate(s, size=(self.size, self.size), mode="nearest")
-        return self.net(torch.cat([x_norm, s], 1))
+        # the secret map also enters the residual directly (a skip connection): the decoder can read
+        # the bits from the first steps on, so a short training already hides the secret; the conv
+        # net adds the image-dependent part
+        return self.net(torch.cat([x_norm, s], 1)) + s
 
 
 class Decoder(nn.Module):
