@@ -36,8 +36,9 @@ def run_recipe(label: str, recipe, arch: str, poisoned, test, bd, bd_true, targe
     """Train one model with ``recipe``; return timings, the ACC curve and final metrics."""
     from defense.metrics import accuracy, attack_metrics
     from defense.models import create_model
-    from defense.train import train
+    from defense.train import fit_batch, train
 
+    recipe = fit_batch(recipe, len(poisoned.train))  # the batch and lr train() will actually use
     info = poisoned.train.info
     torch.manual_seed(seed)
     model = create_model(arch, num_classes=info.num_classes, in_channels=info.channels, image_size=info.size)

@@ -49,6 +49,10 @@ class Recipe:
     channels_last: bool = False  # CUDA only
     compile: bool = False  # torch.compile on CUDA only (drops the ragged last batch: static shapes, one graph)
     cudnn_benchmark: bool = False  # CUDA only: let cuDNN time its kernels once per shape and keep the fastest
+    # Small data: shrink the batch so an epoch has at least this many steps, scaling lr with it
+    # (linear rule, Goyal et al. 2017). 0 = off. At batch 512 on 4,000 images an epoch is 8 steps
+    # and tiny_cnn never learns the task (measured: ACC 0.10, README speed); CIFAR scale is unchanged.
+    min_steps: int = 0
 
 
 RECIPES: dict[str, Recipe] = {
@@ -60,6 +64,7 @@ RECIPES: dict[str, Recipe] = {
     "fast": Recipe(
         "fast", epochs=15, batch_size=512, lr=0.2, weight_decay=5e-4, nesterov=True,
         schedule="onecycle", warmup_frac=0.2, bf16=True, channels_last=True, cudnn_benchmark=True,
+        min_steps=32,
     ),
 }
 
@@ -123,6 +128,15 @@ def make_batch(data: Data, idx: torch.Tensor, gen: torch.Generator | None, train
     return x, y
 
 
+def fit_batch(r: Recipe, n: int) -> Recipe:
+    """``r`` with the batch shrunk (and lr scaled alike) so an epoch of ``n`` images has at least
+    ``r.min_steps`` steps; ``r`` itself when it already has (e.g. ``fast`` on 50,000 images)."""
+    if r.min_steps <= 0 or n // r.batch_size >= r.min_steps:
+        return r
+    bs = max(16, n // r.min_steps)
+    return replace(r, batch_size=bs, lr=r.lr * bs / r.batch_size)
+
+
 def make_optimizer(model: torch.nn.Module, r: Recipe, steps: int, fused: bool = False):
     """SGD + the recipe's per-step schedule. ``fused`` (CUDA only) updates all parameters in one
     kernel; the arithmetic is the same as the default loop."""
@@ -161,6 +175,7 @@ def train(model: torch.nn.Module, data: Data, recipe: Recipe, *, seed: int = 0,
         gen = torch.Generator(device=device).manual_seed(seed)
     data = data.to(device)  # uint8, whole: 150 MB for CIFAR-10, a no-op when already there
     epochs = epochs if epochs is not None else recipe.epochs
+    recipe = fit_batch(recipe, len(data))
     model.to(device)
     cl = recipe.channels_last and cuda
     if cl:
