@@ -216,11 +216,12 @@ def remote(fn: Callable, resources) -> Any:
     return _REMOTE[fn.__name__].options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, max_retries=2)
 
 
-def init_ray(address: str | None = None) -> None:
-    import ray
+def init_ray(address: str | None = None) -> bool:
+    """Local Ray bound to loopback, or join ``address`` with a fast failure when it is dead
+    (the grid runner's ``connect``); True when we started it."""
+    from grid.run import connect
 
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    return connect(address)
 
 
 # ============================================================================ storage, study, resume
