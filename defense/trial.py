@@ -93,12 +93,24 @@ def evaluate(model, test_set: Data, poisoned: Poisoned, idx: torch.Tensor, targe
     return attack_metrics(model, test_set.subset(idx).to(device), bd.to(device), bd_true.to(device), target)
 
 
+def default_resources():
+    """The resource cache a lone trial uses, so repeated trials reuse generated attack resources
+    (clean reference models, generators, encoders): ``$BDGRID_CACHE`` or ``~/.cache/bdgrid``."""
+    import os
+    from pathlib import Path
+
+    from defense.resources import ResourceCache
+
+    root = os.environ.get("BDGRID_CACHE") or Path.home() / ".cache" / "bdgrid"
+    return ResourceCache(Path(root) / "resources")
+
+
 def run_trial(cfg: TrialConfig) -> dict[str, Any]:
     """Train the backdoored model, apply the defense, return before/after metrics on the reported split."""
     t0 = time.perf_counter()
     device = pick_device(cfg.device)
     train_set, test_set, val_idx, test_idx = load_splits(cfg)
-    poisoned = make_poisoned(cfg, train_set, test_set)
+    poisoned = make_poisoned(cfg, train_set, test_set, resources=default_resources())
     model, hist = train_backdoored(cfg, poisoned)
     before = evaluate(model, test_set, poisoned, test_idx, cfg.target, device)
     out = {"bd_acc": before["acc"], "bd_asr": before["asr"], "bd_ra": before["ra"]}
