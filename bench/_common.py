@@ -22,6 +22,21 @@ CIFAR_SCALE = dict(n_train=50_000, n_test=10_000)
 CPU_SCALE = dict(n_train=10_000, n_test=2_000)
 
 
+def resolve_scale(a) -> tuple:
+    """Threads, device, architecture and data sizes from the common benchmark flags (``--gpu``,
+    ``--threads``, ``--arch``, ``--n-train``, ``--n-test``): CIFAR scale and PreAct-ResNet18 on
+    the GPU, the small CPU scale and tiny_cnn otherwise. Returns (device, arch, n_train, n_test)."""
+    from defense.train import pick_device
+
+    torch.set_num_threads(a.threads)
+    device = pick_device("cuda" if a.gpu else "cpu")
+    if a.gpu and device.type != "cuda":
+        raise SystemExit("--gpu asked but torch sees no CUDA device")
+    scale = CIFAR_SCALE if a.gpu else CPU_SCALE
+    arch = a.arch or ("preact_resnet18" if a.gpu else "tiny_cnn")
+    return device, arch, a.n_train or scale["n_train"], a.n_test or scale["n_test"]
+
+
 def machine() -> str:
     """One line naming the hardware and versions."""
     if torch.cuda.is_available():

@@ -26,7 +26,7 @@ import argparse
 import sys
 import time
 
-from _common import CIFAR_SCALE, CPU_SCALE, fmt_s, machine, poisoned_data, write_json
+from _common import fmt_s, machine, poisoned_data, resolve_scale, write_json
 
 import torch
 
@@ -112,15 +112,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--save-model", default=None, help="save the fast model here (for bench/tsbd_speed.py --model)")
     a = ap.parse_args(argv)
 
-    from defense.train import get_recipe, pick_device
+    from defense.train import get_recipe
 
-    torch.set_num_threads(a.threads)
-    device = pick_device("cuda" if a.gpu else "cpu")
-    if a.gpu and device.type != "cuda":
-        raise SystemExit("--gpu asked but torch sees no CUDA device")
-    scale = CIFAR_SCALE if a.gpu else CPU_SCALE
-    arch = a.arch or ("preact_resnet18" if a.gpu else "tiny_cnn")
-    n_train, n_test = a.n_train or scale["n_train"], a.n_test or scale["n_test"]
+    device, arch, n_train, n_test = resolve_scale(a)
     paper_epochs = a.paper_epochs or (8 if a.gpu else 30)
 
     print(f"# train_speed: {machine()}")

@@ -34,7 +34,7 @@ import copy
 import tempfile
 from pathlib import Path
 
-from _common import CIFAR_SCALE, CPU_SCALE, Timer, fmt_s, machine, poisoned_data, write_json
+from _common import Timer, fmt_s, machine, poisoned_data, resolve_scale, write_json
 
 import torch
 import torch.nn.functional as F
@@ -245,15 +245,8 @@ def main(argv=None) -> dict:
     from defense.data.splits import defender_subset
     from defense.methods.tsbd import TSBDParams
     from defense.metrics import attack_metrics
-    from defense.train import pick_device
 
-    torch.set_num_threads(a.threads)
-    device = pick_device("cuda" if a.gpu else "cpu")
-    if a.gpu and device.type != "cuda":
-        raise SystemExit("--gpu asked but torch sees no CUDA device")
-    scale = CIFAR_SCALE if a.gpu else CPU_SCALE
-    a.arch = a.arch or ("preact_resnet18" if a.gpu else "tiny_cnn")
-    n_train, n_test = a.n_train or scale["n_train"], a.n_test or scale["n_test"]
+    device, a.arch, n_train, n_test = resolve_scale(a)
     p = TSBDParams()
     over = {k: v for k, v in (("ft_epochs", a.ft_epochs), ("max_un_epochs", a.max_un_epochs)) if v is not None}
     p = replace(p, **over)
