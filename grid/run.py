@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -102,8 +103,20 @@ def needed_stages(plan: Plan, store: ArtifactStore, out: Path) -> tuple[set, set
 
 # ----------------------------------------------------------------------------- Ray
 
+def loopback_ip() -> str:
+    """The loopback address a local Ray binds to.
+
+    Ray 2.60 rewrites ``127.0.0.1`` and ``localhost`` to this machine's outward address on Linux
+    (``ray._private.services.resolve_ip_for_localhost``), so ``_node_ip_address="127.0.0.1"``
+    would still send every control-plane message over the machine's network address. Any other
+    127/8 address is loopback on Linux too and Ray keeps it as given. macOS and Windows configure
+    only 127.0.0.1 on loopback, and there Ray keeps 127.0.0.1 (it treats them as single-node).
+    """
+    return "127.0.0.2" if sys.platform.startswith("linux") else "127.0.0.1"
+
+
 def connect(address: str | None, num_cpus: int | None = None, connect_timeout: float = 10.0) -> bool:
-    """Start local Ray (default) or join ``address``; True when we started it (and stop it)."""
+    """Start local Ray on loopback (default) or join ``address``; True when we started it (and stop it)."""
     import ray
 
     if address not in (None, "", "local"):
@@ -111,11 +124,18 @@ def connect(address: str | None, num_cpus: int | None = None, connect_timeout: f
     if ray.is_initialized():
         return False
     if address in (None, "", "local"):
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1",
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), _node_ip_address=loopback_ip(),
                  include_dashboard=False, log_to_driver=False, configure_logging=False)
         return True
-    ray.init(address=address, log_to_driver=False, configure_logging=False)
+    host = _host_of(address)
+    # a cluster on this machine's loopback (tests, a laptop): the driver's node is on loopback too
+    local = {"_node_ip_address": host} if host.startswith("127.") else {}
+    ray.init(address=address, log_to_driver=False, configure_logging=False, **local)
     return True
+
+
+def _host_of(address: str) -> str:
+    return address.split("://", 1)[-1].rpartition(":")[0] or address.split("://", 1)[-1]
 
 
 def _check_reachable(address: str, timeout: float) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import results
-from grid.run import execute_plan
+from grid.run import execute_plan, loopback_ip
 from grid.spec import parse_spec
 from grid.validate import validate
 
@@ -197,9 +197,12 @@ def test_resume_after_sigkill(ray_session, tmp_path):
     assert not df.duplicated(["attack", "seed", "defense", "split"]).any()
 
 
+LOOP = loopback_ip()  # every process of the simulated cluster talks over loopback only
+
+
 def _free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((LOOP, 0))
         return s.getsockname()[1]
 
 
@@ -213,7 +216,7 @@ def test_two_node_cluster(tmp_path):
     # a short temp dir: Ray's unix sockets live under it and their paths must stay < 108 chars
     ray_tmp = tempfile.mkdtemp(prefix="bdr", dir="/tmp")
     common = ["--block", "--disable-usage-stats", f"--temp-dir={ray_tmp}"]
-    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", f"--node-ip-address={LOOP}", f"--port={port}",
                              "--num-cpus=1", "--include-dashboard=false", *common],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     procs = [head]
@@ -221,13 +224,13 @@ def test_two_node_cluster(tmp_path):
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                socket.create_connection((LOOP, port), timeout=1).close()
                 break
             except OSError:
                 time.sleep(0.5)
         time.sleep(2)
-        worker = subprocess.Popen([str(BIN / "ray"), "start", f"--address=127.0.0.1:{port}",
-                                   "--node-ip-address=127.0.0.1", "--num-cpus=1", *common],
+        worker = subprocess.Popen([str(BIN / "ray"), "start", f"--address={LOOP}:{port}",
+                                   f"--node-ip-address={LOOP}", "--num-cpus=1", *common],
                                   env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(worker)
         (tmp_path / "spec.yaml").write_text(spec(seeds="[0, 1]", defenses=NONE))
@@ -236,16 +239,17 @@ def test_two_node_cluster(tmp_path):
         r = None
         for _ in range(60):
             probe = subprocess.run([str(BIN / "python"), "-c",
-                                    f"import ray; ray.init(address='127.0.0.1:{port}', _node_ip_address='127.0.0.1', "
+                                    f"import ray; ray.init(address='{LOOP}:{port}', _node_ip_address='{LOOP}', "
                                     f"log_to_driver=False); "
-                                    f"print(len([n for n in ray.nodes() if n['Alive']]))"],
+                                    f"print(' '.join(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']))"],
                                    env=env, capture_output=True, text=True, timeout=60)
-            if probe.stdout.strip().endswith("2"):
+            alive = probe.stdout.strip().splitlines()[-1].split() if probe.stdout.strip() else []
+            if len(alive) == 2:
                 break
             time.sleep(1)
-        assert probe.stdout.strip().endswith("2"), probe.stdout + probe.stderr
+        assert alive == [LOOP, LOOP], probe.stdout + probe.stderr  # two nodes, both on loopback
         r = subprocess.run([str(BIN / "bdgrid"), "run", str(tmp_path / "spec.yaml"), "--out", str(out), "-q",
-                            "--address", f"127.0.0.1:{port}"], env=env, capture_output=True, text=True, timeout=400)
+                            "--address", f"{LOOP}:{port}"], env=env, capture_output=True, text=True, timeout=400)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "| BadNets" in r.stdout or "badnets" in r.stdout.lower()
         df = results.load(out)

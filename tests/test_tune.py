@@ -36,7 +36,10 @@ def ray_address():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    from grid.run import connect, loopback_ip
+
+    connect(None, num_cpus=2)  # the same local Ray `bdgrid tune` starts
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {loopback_ip()}  # never the machine's other address
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
