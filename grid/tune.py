@@ -400,8 +400,8 @@ class Prepared:
     checkpoint under <out>/prepared/ (torch.save; read back with weights_only=True) so a resumed
     study or the final evaluation does not compute it again."""
 
-    def __init__(self, spec: TuneSpec, entry):
-        self.spec, self.entry = spec, entry
+    def __init__(self, spec: TuneSpec, entry, log_fn: Callable[[str], None] = log.info):
+        self.spec, self.entry, self.log = spec, entry, log_fn
         self.fn, self.shared = entry.meta.get("prepare"), tuple(entry.meta.get("shared", ()))
         self.refs: dict[str, Any] = {}
         self.computed = 0  # prepare() tasks launched by this driver
@@ -429,6 +429,8 @@ class Prepared:
                 self.refs[k] = ray.put(torch.load(p, map_location="cpu", weights_only=True))
             else:
                 res = self.spec.resources
+                self.log(f"{self.spec.defense}: shared stages (prepare) on {cell.label()}, once for every trial "
+                         f"that shares {', '.join(self.shared)}")
                 self.refs[k] = remote(prepare_cell, res).remote(inputs_ref, self.spec.defense, params,
                                                                 self.spec.imports, res.num_cpus, self.spec.device)
                 self.computed += 1
@@ -481,7 +483,7 @@ def run_study(spec: TuneSpec, address: str | None = None, log_fn: Callable[[str]
     entry = DEFENSES.get(spec.defense)
     dists = {n: distribution(d) for n, d in spec.space.items()}
     res, me = spec.resources, owner_id()
-    prepared = Prepared(spec, entry)
+    prepared = Prepared(spec, entry, log_fn)
     inflight: dict[int, tuple] = {}  # trial number -> (trial, {cell key: ref})
     told, failed = [], []
     max_fail = spec.max_failures if spec.max_failures is not None else spec.n_trials

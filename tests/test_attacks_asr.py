@@ -8,12 +8,18 @@ a ResNet trained 100 epochs; the defaults stay as BackdoorBench has them:
   about half a pixel, and with the noise mode on tiny_cnn reaches only ASR 0.24-0.58 in 8-16
   epochs (s 2 / 4); without it ASR 1.0.
 - LF eps 0.15 (default 0.1: ASR 0.66 here).
-- SSBA residual budget PSNR 20 dB (default 27 dB: ASR 0.13 here, the briefly trained encoder
-  does not yet hide the secret, so its residual is weak noise).
-- Input-aware is held to a lower bar (ASR >= 0.4, measured 0.58): its pattern generator learns
-  together with the classifier and 8 epochs of a width-8 generator are not enough for 0.85.
+- SSBA residual budget PSNR 20 dB (default 27 dB). The encoder hides the secret at 27 dB too
+  (bit accuracy 0.996 after 3 epochs, test_ssba_encoder_hides_secret), but tiny_cnn, which
+  max-pools from its first block, does not pick up a residual that faint in 8 epochs: measured
+  ASR 0.10 at 27 dB, 0.81 at 23 dB, 0.99 at 20 dB.
+- Input-aware without the cross ("noise") mode (cross_ratio 0). With it, the classifier must
+  tell an image's own trigger from another image's, and tiny_cnn does not learn that: measured
+  ASR 0.58 (8 epochs), 0.64 (20 epochs), 0.70 (cross_ratio 0.5); without it 0.76-0.98 in 8
+  epochs depending on the mask generator's float rounding, 0.92-0.99 in 12 (seeds 0, 1).
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -25,10 +31,10 @@ from defense.train import get_recipe, train
 from defense.trial import evaluate
 
 RECIPE = get_recipe("fast", batch_size=64, lr=0.1, epochs=8)
-TRAIN = {
+EPOCHS = {"inputaware": 12}  # its pattern generator learns with the classifier: 8 epochs gave ASR 0.76-0.98TRAIN = {
     "badnets": {}, "blended": {}, "sig": {},
     "wanet": {"s": 2.0, "cross_ratio": 0.0},
-    "inputaware": {"mask_epochs": 2, "width": 8},
+    "inputaware": {"mask_epochs": 2, "width": 8, "cross_ratio": 0.0},
     "lf": {"steps": 100, "ref_epochs": 4, "eps": 0.15},
     "trojannn": {"iters": 100, "ref_epochs": 4},
     "ssba": {"epochs": 3, "width": 16, "batch_size": 32, "psnr": 20.0, "lr": 3e-3},
@@ -48,8 +54,21 @@ def test_attack_implants_backdoor(name, small_data, cache):
     p = run_attack(name, tr, te, TRAIN[name], ctx)
     torch.manual_seed(0)
     model = create_model("tiny_cnn")
-    train(model, p.train, RECIPE, seed=0, device="cpu", hook=p.hook)
+    train(model, p.train, replace(RECIPE, epochs=EPOCHS.get(name, RECIPE.epochs)), seed=0, device="cpu", hook=p.hook)
     m = evaluate(model, te, p, torch.arange(len(te)), 0, "cpu")
     print(name, m)
-    asr_bar = 0.4 if name == "inputaware" else 0.85  # see the module docstring
-    assert m["acc"] >= 0.75 and m["asr"] >= asr_bar, m
+    assert m["acc"] >= 0.75 and m["asr"] >= 0.85, m
+    if name == "ssba":
+        assert p.info["bit_acc"] >= 0.95, p.info  # the trigger carries the secret, not just noise
+
+
+@pytest.mark.slow
+def test_ssba_encoder_hides_secret(small_data, tmp_path):
+    """At the default budget (27 dB) the trained decoder reads the fixed secret back from uint8
+    encoded images, and the residual stays within the budget."""
+    from defense.attacks.ssba import SSBAParams, train_codec
+
+    tr, _ = small_data
+    state = train_codec(tr, SSBAParams(**{**TRAIN["ssba"], "psnr": 27.0}), seed=0, device="cpu")
+    assert float(state["bit_acc"]) >= 0.95, float(state["bit_acc"])
+    assert 26.0 <= float(state["psnr"]) <= 28.5, float(state["psnr"])

@@ -11,7 +11,7 @@ trains a small StegaStamp-style encoder/decoder on the attacked dataset itself (
   image size (StegaStamp: 100 bits -> 3x50x50 -> 400x400), concatenated with the image, a small
   conv net -> residual, plus the upsampled secret map itself (a skip connection, so that a
   short training already hides the secret); the encoded image is ``clip(x + residual)``;
-- decoder: a small conv net -> bit logits;
+- decoder: a small conv net whose last feature map is read by a dense layer -> bit logits;
 - loss: BCE(bits) + ``l2_weight`` * mean over images of relu(mean(residual^2) - budget), the budget
   set by ``psnr`` (27 dB, what the SSBA paper reports for its poisoned images): the residual is
   as strong as that budget allows and no stronger (StegaStamp instead weighs L2 + LPIPS +
@@ -35,7 +35,7 @@ from defense.data.augment import normalize, to_float
 from defense.resources import data_fingerprint, get_resource
 from defense.train import index_batches, pick_device
 
-VERSION = "2"
+VERSION = "3"  # 3: spatial decoder read-out
 
 
 @dataclass
@@ -80,11 +80,18 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, channels: int, bits: int, width: int):
+    """Two conv-pool steps, then a dense layer over the whole (H/4, W/4) feature map. The secret
+    sits at fixed places in the image (the encoder upsamples it from a spatial map), so the dense
+    read-out must keep where each feature is, as StegaStamp's decoder does (convs -> Flatten ->
+    Dense). A global average pool here (bdgrid's first version) threw the positions away and the
+    decoder never learned the secret (bit accuracy 0.41 vs 0.996 after 3 epochs on 4,000 images)."""
+
+    def __init__(self, channels: int, bits: int, width: int, size: int):
         super().__init__()
+        s = max(1, size // 4)
         self.net = nn.Sequential(*_block(channels, width), nn.MaxPool2d(2), *_block(width, 2 * width), nn.MaxPool2d(2),
-                                 *_block(2 * width, 2 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                 nn.Linear(2 * width, bits))
+                                 *_block(2 * width, 2 * width), nn.AdaptiveAvgPool2d(s), nn.Flatten(),
+                                 nn.Linear(2 * width * s * s, bits))
 
     def forward(self, x_norm):
         return self.net(x_norm)
@@ -100,7 +107,7 @@ def train_codec(train, p: SSBAParams, seed: int, device) -> dict[str, torch.Tens
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         enc = Encoder(info.channels, info.size, p.bits, p.width).to(device)
-        dec = Decoder(info.channels, p.bits, p.width).to(device)
+        dec = Decoder(info.channels, p.bits, p.width, info.size).to(device)
     opt = torch.optim.Adam(list(enc.parameters()) + list(dec.parameters()), lr=p.lr)
     gen = torch.Generator().manual_seed(seed + 31)
     data = train.to(device)
