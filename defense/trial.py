@@ -69,9 +69,9 @@ def make_poisoned(cfg: TrialConfig, train_set: Data, test_set: Data, resources=N
 
 def train_backdoored(cfg: TrialConfig, poisoned: Poisoned) -> tuple[torch.nn.Module, list[dict]]:
     info = poisoned.train.info
+    torch.manual_seed(cfg.seed)  # before create_model: the initial weights come from the seed, not the process
     model = create_model(cfg.arch, num_classes=info.num_classes, in_channels=info.channels, image_size=info.size)
     recipe = get_recipe(cfg.recipe)
-    torch.manual_seed(cfg.seed)
     hist = train(model, poisoned.train, recipe, seed=cfg.seed, device=pick_device(cfg.device), hook=poisoned.hook,
                  epochs=cfg.epochs, progress=cfg.progress, desc=f"attack {cfg.attack}")
     return model, hist

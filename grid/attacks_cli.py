@@ -120,6 +120,7 @@ def preview(
         po = entries[a].fn(tr, te, params[a], ctx)
         if po.bd_test is None and po.hook is not None:  # trigger learnt together with the classifier
             info = tr.info
+            torch.manual_seed(seed)
             model = create_model(arch, num_classes=info.num_classes, in_channels=info.channels, image_size=info.size)
             train(model, po.train, rec, seed=seed, device=dev, hook=po.hook, epochs=train_epochs)
             po.backdoor_test(model)

@@ -19,6 +19,7 @@ a ResNet trained 100 epochs; the defaults stay as BackdoorBench has them:
 """
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import pytest
@@ -51,12 +52,14 @@ def cache(tmp_path_factory):
 def test_attack_implants_backdoor(name, small_data, cache):
     tr, te = small_data
     ctx = AttackContext(target=0, pratio=0.1, seed=0, arch="tiny_cnn", device="cpu", resources=cache, recipe=RECIPE)
+    t0 = time.perf_counter()
     p = run_attack(name, tr, te, TRAIN[name], ctx)
+    resource_s = time.perf_counter() - t0  # resources (clean model, generators, encoder) made here, cold cache
     torch.manual_seed(0)
     model = create_model("tiny_cnn")
     train(model, p.train, replace(RECIPE, epochs=EPOCHS.get(name, RECIPE.epochs)), seed=0, device="cpu", hook=p.hook)
     m = evaluate(model, te, p, torch.arange(len(te)), 0, "cpu")
-    print(name, m)
+    print(f"{name}: acc {m['acc']:.3f} asr {m['asr']:.3f} ra {m['ra']:.3f}; attack + resources {resource_s:.1f} s")
     assert m["acc"] >= 0.75 and m["asr"] >= 0.85, m
     if name == "ssba":
         assert p.info["bit_acc"] >= 0.95, p.info  # the trigger carries the secret, not just noise

@@ -79,15 +79,20 @@ def test_der_edge_cases():
     assert der(0.9, 1.0, 0.0, 1.0) == pytest.approx(0.05)
 
 
-def test_trial_cli_json_reports_fractions():
+def test_trial_cli_json_reports_fractions_reproducibly():
+    """Two processes, same seed: the same numbers (the initial weights come from the seed too)."""
     cmd = [sys.executable, "-m", "grid.cli", "trial", "--attack", "badnets", "--defense", "none",
            "--data-param", "n_train=1200", "--data-param", "n_test=300", "--epochs", "2",
            "--device", "cpu", "--json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    runs = []
+    for _ in range(2):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    res = runs[0]
     for k in ("acc", "asr", "ra", "bd_acc", "bd_asr"):
         assert 0.0 <= res[k] <= 1.0
+        assert runs[1][k] == res[k], (k, runs)
     assert res["n_poison"] == 120  # 10% of 1200
 
 
