@@ -545,11 +545,33 @@ def run_study(spec: TuneSpec, address: str | None = None, log_fn: Callable[[str]
 
 # ============================================================================ outputs
 
+def acc_drop(trial) -> float:
+    """Validation ACC lost by the defense, mean over the trial's cells (fraction)."""
+    cells = [v for k, v in trial.user_attrs.items() if k.startswith("cell:")]
+    return sum(c["bd_acc"] - c["acc"] for c in cells) / len(cells) if cells else 0.0
+
+
 def pick_best(spec: TuneSpec, study) -> tuple[Any, list]:
     """(chosen trial, Pareto trials). Single objective: the best trial. Several: the Pareto
-    front, and from it the trial with the best ``spec.select`` value (validation DER by default)."""
+    front, and from it the trial with the best ``spec.select`` value (validation DER by default).
+    With ``max_acc_drop``, only trials within that clean-accuracy budget are chosen from, when
+    any is (else the budget is ignored and the log says so)."""
+    from optuna.trial import TrialState
+
+    def within(ts):
+        if spec.max_acc_drop is None:
+            return ts
+        ok = [t for t in ts if acc_drop(t) <= spec.max_acc_drop + 1e-9]
+        if not ok:
+            log.warning(f"no trial keeps validation ACC within {spec.max_acc_drop:.3f} of the backdoored "
+                        f"model's; choosing among all")
+        return ok or ts
+
     if len(spec.objectives) == 1:
-        return study.best_trial, [study.best_trial]
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        sign = 1 if spec.directions()[0] == "maximize" else -1
+        best = max(within(done), key=lambda t: (sign * t.values[0], -t.number))
+        return best, [best]
     front = study.best_trials
 
     def score(t):
@@ -559,7 +581,7 @@ def pick_best(spec: TuneSpec, study) -> tuple[Any, list]:
             v = t.user_attrs.get(spec.select, t.user_attrs.get("der", 0.0))
         return v if spec.select != "asr" else -v
 
-    return max(front, key=lambda t: (score(t), -t.number)), front
+    return max(within(front), key=lambda t: (score(t), -t.number)), front
 
 
 def best_doc(spec: TuneSpec, study) -> dict:
@@ -575,6 +597,8 @@ def best_doc(spec: TuneSpec, study) -> dict:
         "objectives": {o: spec.directions()[i] for i, o in enumerate(spec.objectives)},
         "trial": best.number,
         "values": dict(zip(spec.objectives, best.values)),
+        "acc_drop": round(acc_drop(best), 6),
+        "max_acc_drop": spec.max_acc_drop,
         "split": "val",
         "pareto": [{"trial": t.number, "params": {**spec.params, **t.params},
                     "values": dict(zip(spec.objectives, t.values))} for t in front],

@@ -98,6 +98,10 @@ class TuneSpec(BaseModel):
     space: dict[str, Dist]
     objectives: list[str] = Field(default_factory=lambda: ["acc", "asr"])
     select: str = "der"  # how to pick one trial from a Pareto front: highest validation DER
+    # only trials whose validation ACC is at most this far below the backdoored model's (mean over
+    # cells, as a fraction: 0.02 = 2 points) may be picked, when any is; the clean-accuracy budget
+    # FP/ANP/RNP use to stop pruning, applied to the choice of parameters
+    max_acc_drop: Optional[float] = None
     sampler: str = "tpe"
     n_trials: int = 20  # COMPLETE trials the study should reach (counting earlier runs)
     parallelism: int = 2  # trials in flight at once
@@ -252,6 +256,8 @@ def check_spec(spec: TuneSpec, where: str = "spec") -> list[str]:
         problems.append(f"{where}: objectives: duplicate entries {spec.objectives}")
     if spec.select not in DIRECTIONS:
         problems.append(f"{where}: select: unknown metric '{spec.select}'; valid: {', '.join(DIRECTIONS)}")
+    if spec.max_acc_drop is not None and not 0 <= spec.max_acc_drop <= 1:
+        problems.append(f"{where}: max_acc_drop: a fraction in [0, 1] (0.02 = 2 points), got {spec.max_acc_drop}")
     if spec.sampler not in SAMPLERS:
         problems.append(f"{where}: sampler: unknown sampler '{spec.sampler}'{did_you_mean(spec.sampler, SAMPLERS)}; "
                         f"valid: {', '.join(SAMPLERS)}")

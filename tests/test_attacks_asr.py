@@ -32,7 +32,8 @@ from defense.train import get_recipe, train
 from defense.trial import evaluate
 
 RECIPE = get_recipe("fast", batch_size=64, lr=0.1, epochs=8)
-EPOCHS = {"inputaware": 12}  # its pattern generator learns with the classifier: 8 epochs gave ASR 0.76-0.98TRAIN = {
+EPOCHS = {"inputaware": 12}  # its pattern generator learns with the classifier: 8 epochs gave ASR 0.76-0.98
+TRAIN = {
     "badnets": {}, "blended": {}, "sig": {},
     "wanet": {"s": 2.0, "cross_ratio": 0.0},
     "inputaware": {"mask_epochs": 2, "width": 8, "cross_ratio": 0.0},

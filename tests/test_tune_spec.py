@@ -128,3 +128,31 @@ def test_recover_fails_only_trials_of_dead_drivers(tmp_path):
     assert sorted(w.user_attrs["bdgrid_retry_of"] for w in waiting) == sorted(failed)
     assert {(w.params or w.system_attrs["fixed_params"])["x"] for w in waiting} == {trials["dead"].params["x"], trials["far_stale"].params["x"]}
     assert tune.recover(study) == []  # idempotent
+
+
+def test_max_acc_drop_limits_the_chosen_trial(tmp_path):
+    """From a real Optuna study's Pareto front: DER alone picks the trial that kills the backdoor
+    at a high clean-accuracy cost; with a 2-point budget the pick is the best trial within it;
+    with a budget no trial meets, the budget is ignored rather than returning nothing."""
+    import optuna
+
+    from grid import tune
+    from grid.tune_spec import SpecError, parse_spec
+
+    study = optuna.create_study(storage=tune.open_storage(str(tmp_path / "j.journal")), study_name="s",
+                                directions=["maximize", "minimize"])
+    # (val acc, val asr, der); the backdoored model had val acc 0.90
+    for acc, asr, d in [(0.90, 0.60, 0.70), (0.89, 0.30, 0.83), (0.80, 0.02, 0.90), (0.70, 0.00, 0.85)]:
+        t = study.ask({"n": optuna.distributions.FloatDistribution(0, 1)})
+        t.set_user_attr("cell:c", {"acc": acc, "asr": asr, "bd_acc": 0.90, "der": d})
+        t.set_user_attr("der", d)
+        study.tell(t, [acc, asr])
+    pick = lambda **kw: tune.pick_best(parse_spec(raw_spec(**kw)), study)[0].number
+    assert pick() == 2  # highest DER on the front
+    assert pick(max_acc_drop=0.02) == 1  # best DER with at most 2 points of ACC lost
+    assert pick(max_acc_drop=0.02, select="asr") == 1
+    assert pick(max_acc_drop=0.0) == 0
+    doc = tune.best_doc(parse_spec(raw_spec(max_acc_drop=0.02)), study)
+    assert doc["trial"] == 1 and doc["acc_drop"] == pytest.approx(0.01) and doc["max_acc_drop"] == 0.02
+    with pytest.raises(SpecError, match="max_acc_drop: a fraction in"):
+        parse_spec(raw_spec(max_acc_drop=2.0))
