@@ -109,9 +109,15 @@ def poisoned_data(attack: str, n_train: int, n_test: int, seed: int = 0, pratio:
 
 
 def write_json(path: str | None, obj: dict) -> None:
+    """Atomic: a benchmark killed by its time limit leaves the previous file whole, never half of one."""
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(obj, indent=1, default=str))
+        import os
+
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(obj, indent=1, default=str))
+        os.replace(tmp, p)
 
 
 def fmt_s(s: float | None) -> str:

@@ -7,7 +7,9 @@
 #    (8 epochs, cosine compressed; 100-epoch time projected) vs fast recipe, side by side.
 #    Saves the fast backdoored model for step 2.
 # 2. tsbd_speed: our TSBD vs the transcribed reference on that model (Dc = 2,500 images).
-#    Then the 8 baselines (default parameters) on the same model, timed one by one.
+#    Then the 8 baselines (default parameters) on the same model, timed one by one, cheapest
+#    first; the JSON is rewritten after each, so a time limit keeps those measured (ANP, 2,000
+#    batches, is last: on CPU it took 18x one TSBD run).
 # 3. grid_packing: a 2-attack x 2-seed grid through bdgrid's runner with 1, 2, 4 trials per GPU.
 # 4. project_grid: H100-hours for the full CIFAR-10 paper grid from the measured stage times.
 #
@@ -41,7 +43,7 @@ step train_speed 180 "$PY" bench/train_speed.py --gpu --threads "$THREADS" \
 step tsbd_speed 100 "$PY" bench/tsbd_speed.py --gpu --threads "$THREADS" --model "$DEST/preact_fast.pt" \
   --json "$DEST/tsbd_speed.json"
 step baselines 80 "$PY" bench/tsbd_speed.py --gpu --threads "$THREADS" --model "$DEST/preact_fast.pt" \
-  --sides "" --baselines anp,clp,fp,ft,ftsam,ibau,nad,rnp --json "$DEST/baselines.json"
+  --sides "" --baselines clp,nad,rnp,ibau,ft,fp,ftsam,anp --json "$DEST/baselines.json"
 step grid_packing 130 "$PY" bench/grid_packing.py --seeds 2 --json "$DEST/grid_packing.json"
 rm -f "$DEST/preact_fast.pt"  # 45 MB; not a result
 

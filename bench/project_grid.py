@@ -17,7 +17,12 @@ Inputs are the JSON files of ``bench/train_speed.py`` and ``bench/tsbd_speed.py`
   measurement). Evaluation is forward only, yet it is converted at the training rate: conservative.
 
 Baselines: their measured times when the JSON has them (``tsbd_speed.py --baselines ...``),
-else each is costed as ``--baseline-factor`` times one TSBD run.
+else each is costed as ``--baseline-factor`` times one TSBD run. A measured baseline is scaled
+by what its cost grows with (``BASELINE_SCALE``): epochs over the defender's data scale with its
+size (FT, FP, NAD, I-BAU, RNP, FT-SAM); ANP runs a fixed number of batches (2,000 x 256,
+BackdoorBench) whatever the data size, so only the per-image rate changes; CLP reads weights only
+(scaled by the parameter count and kept as CPU seconds, an upper bound). A baseline that was not
+measured is costed as the mean of the measured ones.
 NWC and zero reinitialisation work per weight: their CPU seconds are scaled by the parameter
 count ratio (PreAct-ResNet18 / the measured model) and kept as CPU seconds (an upper bound).
 """
@@ -30,6 +35,8 @@ from pathlib import Path
 from _common import fmt_s
 
 GRID = dict(attacks=8, rates=3, seeds=3, baselines=8)
+# what each baseline's cost grows with; anything not named here: passes over the defender's data
+BASELINE_SCALE = {"anp": "fixed_batches", "clp": "weights"}
 CIFAR = dict(n_train=50_000, n_clean=2_500, n_test=10_000)
 
 
@@ -68,8 +75,17 @@ def project(train: dict, tsbd: dict, h100_img_s: float = 18_000.0, baselines: in
     }
     tsbd_one = per["tsbd_unlearn"] + per["tsbd_nwc"] + tsbd_ns * (per["tsbd_zero_reinit"] + per["tsbd_finetune"])
     mb = measured_baselines or {}
-    if mb:  # measured: each baseline's own time (all of it counted as per-image work on Dc)
-        base_s = sum(b["defend_s"] for b in mb.values()) * conv["clean_scale"] * k * baselines / len(mb)
+    if mb:  # measured: each baseline's own time, scaled by what its cost grows with
+        def scaled(name: str, sec: float) -> float:
+            kind = BASELINE_SCALE.get(name, "defender_data")
+            if kind == "weights":
+                return sec * conv["param_scale"]
+            return sec * k * (1.0 if kind == "fixed_batches" else conv["clean_scale"])
+
+        for name, b in mb.items():
+            per[f"baseline_{name}"] = scaled(name, b["defend_s"])
+        measured = sum(per[f"baseline_{n}"] for n in mb)
+        base_s = measured * baselines / len(mb)
         base_how = f"measured ({', '.join(mb)})"
     else:
         base_s = baselines * baseline_factor * tsbd_one

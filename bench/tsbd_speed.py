@@ -290,6 +290,10 @@ def main(argv=None) -> dict:
             after = attack_metrics(out.model, test.to(device), bd.to(device), bd_true.to(device), 0)
         base[name] = {"defend_s": t.s, "final_eval": te.s, **after}
         print(f"  {name:9s} done: {fmt_s(t.s)}, acc {after['acc']:.4f} asr {after['asr']:.4f}", flush=True)
+        if not res:  # a time limit (gpu_check.sh) may stop the run: keep what was measured so far
+            write_json(a.json, {"machine": machine(), "arch": a.arch, "n_train": n_train, "n_test": n_test,
+                                "n_clean": len(clean), "before": before, "results": {}, "baselines": base,
+                                "summary": {}, "partial": True})
     if base:
         print(f"\n{'baseline':10s} {'defend':>8s} {'eval':>7s} {'ACC':>6s} {'ASR':>6s}")
         for name, b in base.items():
