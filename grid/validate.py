@@ -65,6 +65,13 @@ def validate(ls: LoadedSpec, gpus_available: float | None = None) -> list[Proble
                                      f"only generated datasets (synthetic) need none")
             elif not _resolve(d.root, ls.base_dir).exists():
                 add(("datasets", i, "root"), f"dataset root not found: {d.root}")
+            elif (d.params or {}).get("download", True) is False and not (d.params or {}).get("cache_dir"):
+                # with downloads off, missing files would only surface in the data stage
+                from defense.data.loaders import dataset_problem
+
+                why = dataset_problem(d.name, _resolve(d.root, ls.base_dir))
+                if why:
+                    add(("datasets", i, "root"), why.splitlines()[0] + " (download: false)")
         if not 0 <= s.target < info.num_classes:
             add(("target",), f"target {s.target} is not a class of '{d.name}' (0..{info.num_classes - 1})")
     for i, a in enumerate(s.archs):

@@ -80,6 +80,9 @@ BROKEN = [
         "    params: {n_train: 200, n_test: 50}\n", ""), "needs 'root:'", 3),
     ("root not found", edit("  - name: synthetic", f"  - name: {_needs_root_dataset()}\n    root: /nonexistent/cifar").replace(
         "    params: {n_train: 200, n_test: 50}\n", ""), "dataset root not found: /nonexistent/cifar", 4),
+    ("files missing, no download", edit("  - name: synthetic", "  - name: cifar10\n    root: /tmp").replace(
+        "    params: {n_train: 200, n_test: 50}\n", "    params: {download: false}\n"),
+     "dataset 'cifar10' not found under /tmp: files missing (download: false)", 4),
     ("gpu without gpus", BASE + "resources:\n  attack: {cpus: 1, gpus: 0.5}\n",
      "attack stages ask for 0.5 GPU(s) but the cluster has none", 13),
     ("unknown field", BASE + "seed: [0, 1]\n", "unknown field 'seed' (did you mean 'seeds'?)", 12),
