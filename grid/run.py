@@ -254,7 +254,8 @@ def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = Non
     need, cached, corrupt = needed_stages(plan, store, out)
     res = RunResult(plan, out, cached=cached, recomputed_corrupt=corrupt)
     env = {"out": str(out), "grid": plan.grid, "spec_hash": plan.spec_hash,
-           "kill_once": os.environ.get("BDGRID_TEST_KILL_ONCE"), "fail": os.environ.get("BDGRID_TEST_FAIL")}
+           "kill_once": os.environ.get("BDGRID_TEST_KILL_ONCE"), "fail": os.environ.get("BDGRID_TEST_FAIL"),
+           "kill_always": os.environ.get("BDGRID_TEST_KILL_ALWAYS")}
     prog = _Progress(plan, out, len(need), cached, show_progress, console)
     for k in plan.stages:
         if k not in need and k not in cached:
@@ -315,6 +316,10 @@ def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = Non
                         stages.write_rows(out, s, output)
                 except Exception as e:  # RayTaskError (exception in the stage), WorkerCrashedError (retries spent), cancel
                     attempts[key] = attempts.get(key, 0) + 1
+                    if isinstance(e, (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)):
+                        # Ray already re-ran the dead worker's task `max_retries` times: retrying here
+                        # too would multiply the attempts (1 + retries)^2
+                        attempts[key] = spec.retries + 1
                     timed_out = spec.timeout and time.time() - started > spec.timeout
                     msg = (f"timed out after {spec.timeout:g}s" if timed_out
                            else f"{type(getattr(e, 'cause', None) or e).__name__}: {str(getattr(e, 'cause', None) or e).splitlines()[0][:300] if str(getattr(e, 'cause', None) or e) else ''}")

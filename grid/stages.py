@@ -94,7 +94,12 @@ def _log(out: str, stage: Stage, seconds: float, node: str = "-") -> None:
 def _test_faults(stage: Stage, env: dict) -> None:
     """Test-only fault injection. BDGRID_TEST_KILL_ONCE=<kind>: the first worker that runs a stage
     of that kind dies abruptly (os._exit, as an OOM kill would), once per output folder.
-    BDGRID_TEST_FAIL=<kind>: every stage of that kind raises."""
+    BDGRID_TEST_FAIL=<kind>: every stage of that kind raises. BDGRID_TEST_KILL_ALWAYS=<kind>:
+    every worker that runs a stage of that kind dies, after appending a line to ``.kills-<kind>``."""
+    if env.get("kill_always") == stage.kind:
+        with open(Path(env["out"]) / f".kills-{stage.kind}", "a") as f:
+            f.write(f"{os.getpid()}\n")
+        os._exit(17)
     if env.get("fail") == stage.kind:
         raise RuntimeError(f"injected failure in a {stage.kind} stage (BDGRID_TEST_FAIL)")
     kind = env.get("kill_once")

@@ -134,6 +134,18 @@ def test_dead_worker_is_retried_and_grid_completes(ray_session, tmp_path, monkey
     assert len(results.load(out)) == 2
 
 
+def test_worker_that_always_dies_is_tried_one_plus_retries_times(ray_session, tmp_path, monkeypatch):
+    """Ray re-runs a dead worker's task (max_retries); the driver must not retry it again on top."""
+    out = tmp_path / "out"
+    monkeypatch.setenv("BDGRID_TEST_KILL_ALWAYS", "defense")
+    res = run(out, spec(attacks="[badnets]", defenses=NONE + FT))
+    assert not res.ok
+    (d,) = res.plan.of_kind("defense")
+    assert list(res.failed) == [d.key] and "WorkerCrashedError" in res.failed[d.key]
+    assert len((out / ".kills-defense").read_text().split()) == 2  # 1 try + retries: 1, not 4
+    assert len(results.load(out)) == 2  # the rest (none) went on
+
+
 def test_failing_stage_is_marked_failed_rest_goes_on_and_rerun_retries(ray_session, tmp_path, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setenv("BDGRID_TEST_FAIL", "defense")
