@@ -12,7 +12,8 @@
   ``retries`` times by the driver, then the stage is marked failed, its traceback written to
   ``<out>/failures/<kind>-<key>.txt``, its descendants skipped, and the rest of the grid goes on.
   A stage attempt longer than ``timeout`` seconds is cancelled and counts as a failure.
-- Progress: a rich bar (done/running/failed, ETA) and ``<out>/state.json`` for ``bdgrid status``.
+- Progress: a rich bar (done/running/queued/failed, ETA; a task counts as running once a zero-CPU
+  actor hears from it, queued before) and ``<out>/state.json`` for ``bdgrid status``.
 """
 from __future__ import annotations
 
@@ -166,11 +167,33 @@ def _remote():
     from grid import stages
 
     @ray.remote
-    def run_stage(stage: Stage, data, store_uri: str, env: dict):
+    def run_stage(stage: Stage, data, store_uri: str, env: dict, started=None):
+        if started is not None:  # tell the driver this stage left Ray's queue (fire and forget)
+            started.mark.remote(stage.key)
         env = {**env, "node": ray.get_runtime_context().get_node_id()[:12]}
         return stages.execute(stage, data, ArtifactStore(store_uri), env)
 
     return run_stage
+
+
+def _start_log():
+    """A CPU-free actor that collects the keys of stages that began running: a submitted Ray
+    task may wait for a free CPU/GPU, and the progress bar should call it queued, not running."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class StartLog:
+        def __init__(self):
+            self.keys: list[str] = []
+
+        def mark(self, key: str) -> None:
+            self.keys.append(key)
+
+        def take(self) -> list[str]:
+            keys, self.keys = self.keys, []
+            return keys
+
+    return StartLog.remote()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -201,7 +224,8 @@ class _Progress:
         self.update()
 
     def counts(self) -> dict:
-        out = {k: {"total": 0, "cached": 0, "done": 0, "running": 0, "pending": 0, "failed": 0, "skipped": 0}
+        out = {k: {"total": 0, "cached": 0, "done": 0, "running": 0, "queued": 0, "pending": 0, "failed": 0,
+                   "skipped": 0}
                for k in STAGE_KINDS}
         for key, st in self.status.items():
             kind = self.plan.stages[key].kind
@@ -211,7 +235,7 @@ class _Progress:
 
     def update(self, force: bool = False, finished: bool = False) -> None:
         vals = list(self.status.values())
-        done, run, fail, skip = (vals.count(x) for x in ("done", "running", "failed", "skipped"))
+        done, run, queued, fail, skip = (vals.count(x) for x in ("done", "running", "queued", "failed", "skipped"))
         finished_n = done + fail + skip
         el = time.time() - self.t0
         # ETA from the stages finished so far (the data stage left out: it is one quick load)
@@ -219,7 +243,8 @@ class _Progress:
         eta = el / real * (self.total_run - finished_n) if real else None
         if self.bar is not None:
             self.bar.update(self.task, completed=finished_n,
-                            info=f"done {done} running {run} failed {fail}" + (f" skipped {skip}" if skip else ""))
+                            info=f"done {done} running {run} queued {queued} failed {fail}"
+                                 + (f" skipped {skip}" if skip else ""))
         if force or finished or time.time() - self.last_write > 1.0:
             self.last_write = time.time()
             write_state(self.out, {"grid": self.plan.grid, "spec_hash": self.plan.spec_hash, "pid": os.getpid(),
@@ -262,6 +287,7 @@ def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = Non
             prog.status[k] = "cached"  # not needed: nothing below it is missing (e.g. an unused data stage)
     children = plan.children()
     run_stage = _remote()
+    start_log = _start_log()
     running: dict = {}  # ObjectRef -> (key, started)
     attempts: dict = {}
     data_refs: dict = {}  # data stage key -> ObjectRef (kept while a child still needs it)
@@ -271,9 +297,9 @@ def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = Non
         s = plan.stages[key]
         data = data_refs.get(s.parents[0]) if s.parents else None
         ref = run_stage.options(num_cpus=s.cpus, num_gpus=s.gpus, max_retries=spec.retries,
-                                retry_exceptions=False, name=s.label).remote(s, data, store.uri, env)
+                                retry_exceptions=False, name=s.label).remote(s, data, store.uri, env, start_log)
         running[ref] = (key, time.time())
-        prog.set(key, "running")
+        prog.set(key, "queued")
 
     def ready(key: str) -> bool:
         s = plan.stages[key]
@@ -302,6 +328,9 @@ def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = Non
         while running:
             refs = list(running)
             done_refs, _ = ray.wait(refs, num_returns=1, timeout=0.5)
+            for k in ray.get(start_log.take.remote(), timeout=30):
+                if prog.status.get(k) == "queued":
+                    prog.status[k] = "running"
             now = time.time()
             if spec.timeout:  # cancel attempts that ran too long; they count as failures
                 for ref in refs:
@@ -347,6 +376,7 @@ def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = Non
         res.wall_s = time.time() - t0
         prog.update(finished=not running, force=True)
         prog.stop()
+        ray.kill(start_log)
     return res
 
 

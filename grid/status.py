@@ -54,10 +54,11 @@ def render(state: dict, console) -> None:
     console.print(f"grid [bold]{state.get('grid')}[/] (spec {state.get('spec_hash')}): {phase}; "
                   f"updated {fmt_s(time.time() - state.get('updated_at', time.time()))} ago")
     t = Table()
-    for c in ("stage", "total", "cached", "done", "running", "pending", "failed", "skipped"):
+    for c in ("stage", "total", "cached", "done", "running", "queued", "pending", "failed", "skipped"):
         t.add_column(c, justify="right" if c != "stage" else "left")
     for kind, c in state.get("counts", {}).items():
-        t.add_row(kind, *(str(c.get(k, 0)) for k in ("total", "cached", "done", "running", "pending", "failed", "skipped")))
+        t.add_row(kind, *(str(c.get(k, 0)) for k in ("total", "cached", "done", "running", "queued", "pending", "failed",
+                                                      "skipped")))
     console.print(t)
     el = state.get("elapsed_s")
     console.print(f"elapsed {fmt_s(el)}, ETA {fmt_s(state.get('eta_s')) if not state.get('finished') else '-'}")

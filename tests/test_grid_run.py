@@ -146,6 +146,37 @@ def test_worker_that_always_dies_is_tried_one_plus_retries_times(ray_session, tm
     assert len(results.load(out)) == 2  # the rest (none) went on
 
 
+def test_progress_tells_queued_from_running(ray_session, tmp_path):
+    """4 attack stages of 1 CPU on 2 CPUs: the state never shows more than 2 running; the ones
+    waiting for a CPU are shown queued."""
+    import json
+    import threading
+
+    out = tmp_path / "out"
+    seen, stop = [], threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            try:
+                seen.append(json.loads((out / "state.json").read_text())["counts"].get("attack", {}))
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+
+    th = threading.Thread(target=poll)
+    th.start()
+    try:
+        res = run(out, spec(seeds="[0, 1]", defenses=NONE, n=1200))
+    finally:
+        stop.set()
+        th.join()
+    assert res.ok
+    assert seen and max(c.get("running", 0) for c in seen) <= 2, seen
+    assert max(c.get("queued", 0) for c in seen) >= 1, seen
+    final = json.loads((out / "state.json").read_text())["counts"]["attack"]
+    assert final["done"] == 4 and final["queued"] == 0 and final["running"] == 0
+
+
 def test_failing_stage_is_marked_failed_rest_goes_on_and_rerun_retries(ray_session, tmp_path, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setenv("BDGRID_TEST_FAIL", "defense")
