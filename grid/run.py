@@ -11,7 +11,8 @@
 - Faults: ``max_retries`` (Ray) re-runs a task whose worker died; an exception is retried up to
   ``retries`` times by the driver, then the stage is marked failed, its traceback written to
   ``<out>/failures/<kind>-<key>.txt``, its descendants skipped, and the rest of the grid goes on.
-  A stage attempt longer than ``timeout`` seconds is cancelled and counts as a failure.
+  A stage attempt running longer than ``timeout`` seconds (counted from when it left Ray's queue)
+  is cancelled and counts as a failure.
 - Progress: a rich bar (done/running/queued/failed, ETA; a task counts as running once a zero-CPU
   actor hears from it, queued before) and ``<out>/state.json`` for ``bdgrid status``.
 """
@@ -280,7 +281,7 @@ def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = Non
     res = RunResult(plan, out, cached=cached, recomputed_corrupt=corrupt)
     env = {"out": str(out), "grid": plan.grid, "spec_hash": plan.spec_hash,
            "kill_once": os.environ.get("BDGRID_TEST_KILL_ONCE"), "fail": os.environ.get("BDGRID_TEST_FAIL"),
-           "kill_always": os.environ.get("BDGRID_TEST_KILL_ALWAYS")}
+           "kill_always": os.environ.get("BDGRID_TEST_KILL_ALWAYS"), "hang": os.environ.get("BDGRID_TEST_HANG")}
     prog = _Progress(plan, out, len(need), cached, show_progress, console)
     for k in plan.stages:
         if k not in need and k not in cached:
@@ -288,7 +289,8 @@ def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = Non
     children = plan.children()
     run_stage = _remote()
     start_log = _start_log()
-    running: dict = {}  # ObjectRef -> (key, started)
+    running: dict = {}  # ObjectRef -> (key, submitted at)
+    began: dict = {}  # key -> when its current attempt left Ray's queue (the timeout counts from here)
     attempts: dict = {}
     data_refs: dict = {}  # data stage key -> ObjectRef (kept while a child still needs it)
     finished: set = set(cached)
@@ -299,6 +301,7 @@ def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = Non
         ref = run_stage.options(num_cpus=s.cpus, num_gpus=s.gpus, max_retries=spec.retries,
                                 retry_exceptions=False, name=s.label).remote(s, data, store.uri, env, start_log)
         running[ref] = (key, time.time())
+        began.pop(key, None)
         prog.set(key, "queued")
 
     def ready(key: str) -> bool:
@@ -331,13 +334,16 @@ def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = Non
             for k in ray.get(start_log.take.remote(), timeout=30):
                 if prog.status.get(k) == "queued":
                     prog.status[k] = "running"
+                    began[k] = time.time()
             now = time.time()
             if spec.timeout:  # cancel attempts that ran too long; they count as failures
                 for ref in refs:
-                    if ref not in done_refs and now - running[ref][1] > spec.timeout:
+                    k = running[ref][0]
+                    if ref not in done_refs and k in began and now - began[k] > spec.timeout:
                         ray.cancel(ref, force=True)
             for ref in done_refs:
-                key, started = running.pop(ref)
+                key, _ = running.pop(ref)
+                started = began.pop(key, time.time())
                 s = plan.stages[key]
                 try:
                     output = ray.get(ref)

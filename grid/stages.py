@@ -95,7 +95,10 @@ def _test_faults(stage: Stage, env: dict) -> None:
     """Test-only fault injection. BDGRID_TEST_KILL_ONCE=<kind>: the first worker that runs a stage
     of that kind dies abruptly (os._exit, as an OOM kill would), once per output folder.
     BDGRID_TEST_FAIL=<kind>: every stage of that kind raises. BDGRID_TEST_KILL_ALWAYS=<kind>:
-    every worker that runs a stage of that kind dies, after appending a line to ``.kills-<kind>``."""
+    every worker that runs a stage of that kind dies, after appending a line to ``.kills-<kind>``.
+    BDGRID_TEST_HANG=<kind>: every stage of that kind sleeps for an hour (for the timeout)."""
+    if env.get("hang") == stage.kind:
+        time.sleep(3600)
     if env.get("kill_always") == stage.kind:
         with open(Path(env["out"]) / f".kills-{stage.kind}", "a") as f:
             f.write(f"{os.getpid()}\n")

@@ -146,6 +146,18 @@ def test_worker_that_always_dies_is_tried_one_plus_retries_times(ray_session, tm
     assert len(results.load(out)) == 2  # the rest (none) went on
 
 
+def test_stage_over_its_timeout_is_cancelled_and_failed(ray_session, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setenv("BDGRID_TEST_HANG", "defense")
+    t0 = time.time()
+    res = run(out, spec(attacks="[badnets]", defenses=NONE + FT) + "timeout: 3\n")
+    assert time.time() - t0 < 120  # not the hour the stage would sleep
+    (d,) = res.plan.of_kind("defense")
+    assert list(res.failed) == [d.key] and "timed out after 3s" in res.failed[d.key]
+    assert "attempts: 2" in (out / "failures" / f"defense-{d.key}.txt").read_text()  # 1 try + retries: 1
+    assert len(results.load(out)) == 2  # none's rows: the rest went on
+
+
 def test_progress_tells_queued_from_running(ray_session, tmp_path):
     """4 attack stages of 1 CPU on 2 CPUs: the state never shows more than 2 running; the ones
     waiting for a CPU are shown queued."""
