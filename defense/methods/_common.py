@@ -47,14 +47,16 @@ def fit(model: nn.Module, clean: Data, step: Callable[[torch.Tensor, torch.Tenso
     Returns one row per epoch: {"phase", "epoch", "loss", "train_acc"}."""
     rows = []
     for epoch in range(epochs):
+        # sums stay on the device (steps return tensors): one host sync per epoch, not per batch
         tot, correct, seen = 0.0, 0, 0
         for idx in index_batches(len(clean), batch_size, shuffle, gen):
             x, y = make_batch(clean, idx, gen, True)
             out = step(x, y)
-            tot += float(out["loss"]) * len(y)
-            correct += int(out.get("correct", 0))
+            tot = tot + torch.as_tensor(out["loss"], device=x.device).detach().float() * len(y)
+            correct = correct + torch.as_tensor(out.get("correct", 0), device=x.device)
             seen += len(y)
-        row = {"phase": phase, "epoch": epoch + 1, "loss": tot / max(seen, 1), "train_acc": correct / max(seen, 1)}
+        row = {"phase": phase, "epoch": epoch + 1, "loss": float(tot) / max(seen, 1),
+               "train_acc": int(correct) / max(seen, 1)}
         rows.append(row)
         if after_epoch is not None and after_epoch(row):
             break

@@ -72,7 +72,8 @@ def train_masks(model, clean, p: ANPParams, gen: torch.Generator) -> tuple[list[
     noise_b = [torch.zeros(m.num_features, device=dev, requires_grad=True) for _, m in layers]
     mask_opt = torch.optim.SGD(masks, lr=p.lr, momentum=0.9)
     step_size = p.anp_eps / p.anp_steps
-    curve, tot, correct, seen = [], 0.0, 0, 0
+    # loss/accuracy sums stay on the device; the host reads them every 100 batches (the curve)
+    curve, tot, correct, seen = [], torch.zeros((), device=dev), torch.zeros((), dtype=torch.long, device=dev), 0
     for it in range(p.nb_iter):
         idx = torch.randint(0, len(clean), (p.batch_size,), generator=gen)  # RandomSampler(replacement=True)
         x, y = make_batch(clean, idx, gen, True)
@@ -99,12 +100,13 @@ def train_masks(model, clean, p: ANPParams, gen: torch.Generator) -> tuple[list[
         with torch.no_grad():
             for m in masks:
                 m.clamp_(0.0, 1.0)
-        tot += float(loss.detach()) * len(y)
-        correct += int((out.argmax(1) == y).sum())
+        tot += loss.detach() * len(y)
+        correct += (out.argmax(1) == y).sum()
         seen += len(y)
         if (it + 1) % 100 == 0 or it + 1 == p.nb_iter:
-            curve.append({"phase": "mask", "iter": it + 1, "loss": tot / seen, "train_acc": correct / seen})
-            tot, correct, seen = 0.0, 0, 0
+            curve.append({"phase": "mask", "iter": it + 1, "loss": float(tot) / seen, "train_acc": int(correct) / seen})
+            tot.zero_(), correct.zero_()
+            seen = 0
     return [m.detach() for m in masks], curve
 
 

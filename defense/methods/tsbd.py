@@ -143,12 +143,12 @@ def _augmented_accuracy(model: nn.Module, data: Data, p: TSBDParams, gen: torch.
     """The reference's stop check: eval mode, Dc through the *training* transform, / |Dc|."""
     was = model.training
     model.eval()
-    correct = 0
+    correct = torch.zeros((), dtype=torch.long, device=device)
     with _autocast(device, p):
         for x, y in _batches(data, p, gen):
-            correct += int((model(x).argmax(1) == y).sum())
+            correct += (model(x).argmax(1) == y).sum()
     model.train(was)
-    return correct / max(1, len(data))
+    return int(correct) / max(1, len(data))  # one host sync per check
 
 
 # ---------------------------------------------------------------------------------------
@@ -171,7 +171,10 @@ def clean_unlearn(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseCont
     curve = []
     for epoch in range(1, p.max_un_epochs + 1):
         net.train()
-        tot, correct, nb = 0.0, 0, 0
+        # running sums stay on the device: no host sync per batch, one per epoch (the stop check)
+        tot = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        nb = 0
         for x, y in _batches(clean, p, gen):
             with _autocast(device, p):
                 out = net(x)
@@ -179,13 +182,14 @@ def clean_unlearn(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseCont
             opt.zero_grad(set_to_none=True)
             (-loss).backward()  # ascent
             opt.step()
-            tot += float(loss.detach())
-            correct += int((out.argmax(1) == y).sum())
+            tot += loss.detach()
+            correct += (out.argmax(1) == y).sum()
             nb += 1
         dc_acc = _augmented_accuracy(net, clean, p, gen, device)
-        curve.append({"phase": "unlearn", "epoch": epoch, "loss": tot / max(1, nb),
-                      "train_acc": correct / max(1, len(clean)), "dc_acc": dc_acc})
-        ctx.log(f"tsbd unlearn epoch {epoch}: loss {tot / max(1, nb):.4f} dc_acc {dc_acc:.4f}")
+        loss_v = float(tot) / max(1, nb)
+        curve.append({"phase": "unlearn", "epoch": epoch, "loss": loss_v,
+                      "train_acc": int(correct) / max(1, len(clean)), "dc_acc": dc_acc})
+        ctx.log(f"tsbd unlearn epoch {epoch}: loss {loss_v:.4f} dc_acc {dc_acc:.4f}")
         if dc_acc <= thr:
             break
     net.eval()
@@ -298,8 +302,9 @@ def zero_reinit(model0: nn.Module, nwc: NWC, n: float, m: float) -> tuple[nn.Mod
 # ---------------------------------------------------------------------------------------
 
 def activeness_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
-                    r: float, alpha: float, amp=None) -> tuple[float, int]:
-    """One Stage-2 mini-batch, in place; returns (loss, correct) of the post-step forward.
+                    r: float, alpha: float, amp=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Stage-2 mini-batch, in place; returns (loss, correct) of the post-step forward, as
+    0-d tensors on the model's device (the caller sums them: no host sync per batch).
 
     Equals the reference's per-batch procedure (deep copy, g1, per-tensor perturbation,
     g2, mix, step, extra forward) without the copy: parameters are restored from a saved
@@ -343,7 +348,7 @@ def activeness_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: tor
     with torch.no_grad(), amp:  # the reference's logging forward: it updates BN running stats
         out = model(x).float()
         loss = F.cross_entropy(out, y)
-    return float(loss), int((out.argmax(1) == y).sum())
+    return loss.detach(), (out.argmax(1) == y).sum()
 
 
 def activeness_finetune(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseContext) -> list[dict]:
@@ -361,14 +366,16 @@ def activeness_finetune(model: nn.Module, clean: Data, p: TSBDParams, ctx: Defen
     amp = _autocast(device, p)
     curve = []
     for epoch in range(p.ft_epochs + 1):
-        tot, correct, nb = 0.0, 0, 0
+        tot = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        nb = 0
         for x, y in _batches(clean, p, gen):
             loss, c = activeness_step(model, x, y, opt, p.r, p.alpha, amp)
             tot += loss
             correct += c
             nb += 1
-        row = {"phase": "finetune", "epoch": epoch + 1, "loss": tot / max(1, nb),
-               "train_acc": correct / max(1, len(clean))}
+        row = {"phase": "finetune", "epoch": epoch + 1, "loss": float(tot) / max(1, nb),  # one sync per pass
+               "train_acc": int(correct) / max(1, len(clean))}
         curve.append(row)
         ctx.log(f"tsbd finetune pass {epoch + 1}: loss {row['loss']:.4f} acc {row['train_acc']:.4f}")
     model.eval()
