@@ -41,12 +41,12 @@ METRIC_LABELS = {"acc": "ACC", "asr": "ASR", "ra": "RA", "der": "DER", "bd_acc":
 # BackdoorBench's order of attacks and defenses (leaderboard / paper tables); TSBD last as the
 # method under study.
 ORDER = {
-    "attack": ["badnets", "blended", "wanet", "inputaware", "lf", "ssba", "trojannn", "sig", "lc"],
+    "attack": ["badnets", "blended", "wanet", "inputaware", "lf", "ssba", "trojannn", "sig", "lc", "bpp"],
     "defense": ["none", "ft", "fp", "nad", "nc", "anp", "ibau", "clp", "ftsam", "sau", "tsbd"],
 }
 DISPLAY = {
     "badnets": "BadNets", "blended": "Blended", "wanet": "WaNet", "inputaware": "Input-aware", "lf": "LF",
-    "ssba": "SSBA", "trojannn": "TrojanNN", "sig": "SIG", "lc": "LC", "none": "No defense", "ft": "FT",
+    "ssba": "SSBA", "trojannn": "TrojanNN", "sig": "SIG", "lc": "LC", "bpp": "BppAttack", "none": "No defense", "ft": "FT",
     "fp": "FP", "nad": "NAD", "nc": "NC", "anp": "ANP", "ibau": "i-BAU", "clp": "CLP", "ftsam": "FT-SAM",
     "sau": "SAU", "tsbd": "TSBD",
 }
