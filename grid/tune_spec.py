@@ -32,6 +32,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from defense.trial import TrialConfig
+
 # Direction of each objective a trial can report; all read the validation split only.
 DIRECTIONS = {"acc": "maximize", "asr": "minimize", "ra": "maximize", "der": "maximize"}
 SAMPLERS = ("tpe", "nsga2", "grid", "random")
@@ -57,23 +59,27 @@ class Dist(BaseModel):
     choices: Optional[list[Any]] = None
 
 
+_T = TrialConfig()
+
+
 class Cell(BaseModel):
     """A backdoored model to tune on: the fields of ``defense.trial.TrialConfig`` that define it."""
 
     model_config = ConfigDict(extra="forbid")
-    dataset: str = "synthetic"
-    arch: str = "tiny_cnn"
-    attack: str = "badnets"
-    pratio: float = 0.1
-    target: int = 0
-    seed: int = 0
+    # defaults are TrialConfig's (one place): a cell left unsaid is the trial a user would run
+    dataset: str = _T.dataset
+    arch: str = _T.arch
+    attack: str = _T.attack
+    pratio: float = _T.pratio
+    target: int = _T.target
+    seed: int = _T.seed
     attack_params: dict[str, Any] = Field(default_factory=dict)
     dataset_params: dict[str, Any] = Field(default_factory=dict)
-    data_root: Optional[str] = None
-    recipe: str = "fast"
-    epochs: Optional[int] = None  # attack-training epochs (None: the recipe's)
-    defender_ratio: float = 0.05  # BackdoorBench: the defender holds 5% of the clean training set
-    val_ratio: float = 0.2  # share of the test set held out as the validation split
+    data_root: Optional[str] = _T.data_root
+    recipe: str = _T.recipe
+    epochs: Optional[int] = _T.epochs  # attack-training epochs (None: the recipe's)
+    defender_ratio: float = _T.defender_ratio  # BackdoorBench: the defender holds 5% of the clean training set
+    val_ratio: float = _T.val_ratio  # share of the test set held out as the validation split
 
     def label(self) -> str:
         return f"{self.dataset}/{self.arch}/{self.attack}@{self.pratio:g}/t{self.target}/s{self.seed}"
