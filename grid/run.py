@@ -289,6 +289,7 @@ def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = Non
     children = plan.children()
     run_stage = _remote()
     start_log = _start_log()
+    log_ok = True  # the start log answers; else timeouts count from submission, as before it existed
     running: dict = {}  # ObjectRef -> (key, submitted at)
     began: dict = {}  # key -> when its current attempt left Ray's queue (the timeout counts from here)
     attempts: dict = {}
@@ -331,19 +332,24 @@ def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = Non
         while running:
             refs = list(running)
             done_refs, _ = ray.wait(refs, num_returns=1, timeout=0.5)
-            for k in ray.get(start_log.take.remote(), timeout=30):
+            try:
+                started_keys = ray.get(start_log.take.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - the actor is gone: fall back to submission times
+                started_keys, log_ok = [], False
+            for k in started_keys:
                 if prog.status.get(k) == "queued":
                     prog.status[k] = "running"
                     began[k] = time.time()
             now = time.time()
             if spec.timeout:  # cancel attempts that ran too long; they count as failures
                 for ref in refs:
-                    k = running[ref][0]
-                    if ref not in done_refs and k in began and now - began[k] > spec.timeout:
+                    k, submitted = running[ref]
+                    t_start = began.get(k) if log_ok else began.get(k, submitted)
+                    if ref not in done_refs and t_start is not None and now - t_start > spec.timeout:
                         ray.cancel(ref, force=True)
             for ref in done_refs:
-                key, _ = running.pop(ref)
-                started = began.pop(key, time.time())
+                key, submitted = running.pop(ref)
+                started = began.pop(key, None if log_ok else submitted)
                 s = plan.stages[key]
                 try:
                     output = ray.get(ref)
@@ -355,7 +361,7 @@ def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = Non
                         # Ray already re-ran the dead worker's task `max_retries` times: retrying here
                         # too would multiply the attempts (1 + retries)^2
                         attempts[key] = spec.retries + 1
-                    timed_out = spec.timeout and time.time() - started > spec.timeout
+                    timed_out = spec.timeout and started is not None and time.time() - started > spec.timeout
                     msg = (f"timed out after {spec.timeout:g}s" if timed_out
                            else f"{type(getattr(e, 'cause', None) or e).__name__}: {str(getattr(e, 'cause', None) or e).splitlines()[0][:300] if str(getattr(e, 'cause', None) or e) else ''}")
                     if attempts[key] <= spec.retries:
@@ -382,7 +388,10 @@ def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = Non
         res.wall_s = time.time() - t0
         prog.update(finished=not running, force=True)
         prog.stop()
-        ray.kill(start_log)
+        try:
+            ray.kill(start_log)
+        except Exception:  # noqa: BLE001 - already gone with its node
+            pass
     return res
 
 
