@@ -569,6 +569,8 @@ def pick_best(spec: TuneSpec, study) -> tuple[Any, list]:
 
     if len(spec.objectives) == 1:
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not done:
+            raise ValueError(f"study '{study.study_name}' has no complete trial yet")
         sign = 1 if spec.directions()[0] == "maximize" else -1
         best = max(within(done), key=lambda t: (sign * t.values[0], -t.number))
         return best, [best]
