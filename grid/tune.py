@@ -429,8 +429,7 @@ class Prepared:
                 self.refs[k] = ray.put(torch.load(p, map_location="cpu", weights_only=True))
             else:
                 res = self.spec.resources
-                self.log(f"{self.spec.defense}: shared stages (prepare) on {cell.label()}, once for every trial "
-                         f"that shares {', '.join(self.shared)}")
+                self.log(f"{self.spec.defense}: shared stages (prepare) on {cell.label()}; the trials reuse them")
                 self.refs[k] = remote(prepare_cell, res).remote(inputs_ref, self.spec.defense, params,
                                                                 self.spec.imports, res.num_cpus, self.spec.device)
                 self.computed += 1
