@@ -53,9 +53,12 @@ def render(state: dict, console) -> None:
     phase = "finished" if state.get("finished") else ("running" if alive else "stopped (driver gone; rerun to resume)")
     console.print(f"grid [bold]{state.get('grid')}[/] (spec {state.get('spec_hash')}): {phase}; "
                   f"updated {fmt_s(time.time() - state.get('updated_at', time.time()))} ago")
-    t = Table()
+    from rich import box
+
+    t = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False)  # 9 columns in 80 characters
     for c in ("stage", "total", "cached", "done", "running", "queued", "pending", "failed", "skipped"):
-        t.add_column(c, justify="right" if c != "stage" else "left")
+        # stage names never wrap or truncate: the count columns give way first
+        t.add_column(c, justify="right" if c != "stage" else "left", no_wrap=True, min_width=len(c))
     for kind, c in state.get("counts", {}).items():
         t.add_row(kind, *(str(c.get(k, 0)) for k in ("total", "cached", "done", "running", "queued", "pending", "failed",
                                                       "skipped")))
