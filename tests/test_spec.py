@@ -257,3 +257,4 @@ def test_examples_validate(name):
     plan = build_plan(ls) if not probs else None
     if name == "quickstart.yaml":
         assert plan.cells == 4 and len(plan.of_kind("attack")) == 4 and len(plan.of_kind("defense")) == 8
+
