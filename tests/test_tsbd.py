@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -360,6 +361,21 @@ def test_unlearning_stops_at_the_threshold(tiny_setup):
     _, curve = clean_unlearn(model, clean, TSBDParams(lr_un=1e-6, un_threshold=0.0, max_un_epochs=2), DefenseContext())
     assert len(curve) == 2
     assert TSBDParams(un_threshold="chance+margin", un_margin=0.05).threshold(10) == pytest.approx(0.15)
+
+
+def test_prepare_warns_when_unlearning_never_reaches_the_threshold(tiny_setup):
+    """The reference runs on silently; we say why and what to set, and record it."""
+    model, clean = tiny_setup
+    logged = []
+    p = TSBDParams(lr_un=1e-6, un_threshold=0.0, max_un_epochs=2)
+    with pytest.warns(UserWarning, match=r"ran all 2 epochs without reaching un_threshold 0\.000.*largest class"):
+        prep = tsbd_prepare(model, clean, p, DefenseContext(seed=0, log=logged.append))
+    assert prep["unlearn_reached"] is False and prep["unlearn_epochs"] == 2
+    assert any("un_threshold" in m for m in logged)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a run that reaches its threshold warns nothing
+        ok = tsbd_prepare(model, clean, TSBDParams(un_threshold=1.0, max_un_epochs=2), DefenseContext(seed=0))
+    assert ok["unlearn_reached"] is True and ok["unlearn_epochs"] == 1
 
 
 @pytest.mark.slow  # two unlearning runs and three fine-tuning passes on 200 images

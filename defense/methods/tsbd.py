@@ -21,6 +21,7 @@ once by ``tsbd_prepare`` (a ``torch.load(weights_only=True)``-safe dict) and sha
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -390,9 +391,21 @@ def tsbd_prepare(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseConte
     """Stages 1a/1b. The result holds only tensors, numbers, strings, lists and dicts, so it
     round-trips through ``torch.save`` / ``torch.load(weights_only=True)``."""
     unlearned, curve = clean_unlearn(model, clean, p, ctx)
+    thr = p.threshold(clean.info.num_classes)
+    reached = bool(curve) and curve[-1]["dc_acc"] <= thr
+    if not reached:
+        # the reference runs on as well; say so, since the usual cause has a one-line fix
+        last = curve[-1]["dc_acc"] if curve else float("nan")
+        share = float(torch.bincount(clean.y.cpu(), minlength=clean.info.num_classes).max()) / max(1, len(clean))
+        msg = (f"tsbd: clean unlearning ran all {len(curve)} epochs without reaching un_threshold {thr:.3f} "
+               f"(last Dc accuracy {last:.3f}; the largest class holds {share:.3f} of Dc, and a collapsed model "
+               f"settles there). Set un_threshold above it (e.g. {min(1.0, share + 0.02):.2f}) or "
+               f"'chance+margin' with a margin; see README, TSBD.")
+        ctx.log(msg)
+        warnings.warn(msg, stacklevel=2)
     nwc = neuron_weight_change(model, unlearned, p.layer_type)
     return {"unlearned": {k: v.detach().cpu() for k, v in unlearned.state_dict().items()},
-            "nwc": nwc.to_dict(), "curve": curve, "unlearn_epochs": len(curve)}
+            "nwc": nwc.to_dict(), "curve": curve, "unlearn_epochs": len(curve), "unlearn_reached": reached}
 
 
 def _diagnostics(prep: dict, nwc: NWC, counts: dict, ft_curve: list[dict], p: TSBDParams, top_k: int = 20) -> dict:
@@ -401,6 +414,7 @@ def _diagnostics(prep: dict, nwc: NWC, counts: dict, ft_curve: list[dict], p: TS
         top.append([layer, j, float(nwc.neuron[layer][j])])
     return {
         "unlearn_epochs": int(prep["unlearn_epochs"]),
+        "unlearn_reached_threshold": bool(prep.get("unlearn_reached", True)),
         "unlearn_curve": prep["curve"],
         "n_neurons": nwc.total,
         "n_selected": int(nwc.total * p.n),
