@@ -49,7 +49,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from defense.attacks import choose_poison, poison_with, register_attack
+from defense.attacks import add, choose_poison, poison_with, register_attack
 from defense.attacks._perbatch import quantize
 from defense.data import Data
 from defense.data.augment import normalize, to_float
@@ -108,8 +108,7 @@ def trigger_pattern(size: int, kind: str = "all-corners") -> torch.Tensor:
 
 def stamp(x: torch.Tensor, pattern: torch.Tensor, amplitude: float) -> torch.Tensor:
     """uint8 images (B, C, H, W) with ``255 * amplitude * pattern`` added to every channel, clipped."""
-    delta = (255.0 * amplitude) * pattern.to(x.device)
-    return (x.float() + delta).round().clamp(0, 255).to(torch.uint8)
+    return add(x, (255.0 * amplitude) * pattern.to(x.device))
 
 
 # --------------------------------------------------------------------- PGD (the resource)
