@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from defense.attacks import ATTACKS, AttackContext, run_attack
+from attack_setup import attack_ctx as ctx_for
+from defense.attacks import ATTACKS, run_attack
 from defense.resources import ResourceCache
-from defense.train import get_recipe
 
 # Resource sizes shrunk for speed (the defaults stay paper-sized).
 TINY = {
@@ -38,11 +38,6 @@ def data(small_data):
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return ResourceCache(tmp_path_factory.mktemp("resources"))
-
-
-def ctx_for(cache, seed=0, pratio=0.1):
-    return AttackContext(target=0, pratio=pratio, seed=seed, arch="tiny_cnn", device="cpu", resources=cache,
-                         recipe=get_recipe("fast", batch_size=64, lr=0.1))
 
 
 _RUNS: dict = {}

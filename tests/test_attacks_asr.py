@@ -19,19 +19,11 @@ a ResNet trained 100 epochs; the defaults stay as BackdoorBench has them:
 """
 from __future__ import annotations
 
-import time
-from dataclasses import replace
-
 import pytest
-import torch
 
-from defense.attacks import AttackContext, run_attack
-from defense.models import create_model
+from attack_setup import implant
 from defense.resources import ResourceCache
-from defense.train import get_recipe, train
-from defense.trial import evaluate
 
-RECIPE = get_recipe("fast", batch_size=64, lr=0.1, epochs=8)
 EPOCHS = {"inputaware": 12}  # its pattern generator learns with the classifier: 8 epochs gave ASR 0.76-0.98
 TRAIN = {
     "badnets": {}, "blended": {}, "sig": {},
@@ -51,16 +43,7 @@ def cache(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(TRAIN))
 def test_attack_implants_backdoor(name, small_data, cache):
-    tr, te = small_data
-    ctx = AttackContext(target=0, pratio=0.1, seed=0, arch="tiny_cnn", device="cpu", resources=cache, recipe=RECIPE)
-    t0 = time.perf_counter()
-    p = run_attack(name, tr, te, TRAIN[name], ctx)
-    resource_s = time.perf_counter() - t0  # resources (clean model, generators, encoder) made here, cold cache
-    torch.manual_seed(0)
-    model = create_model("tiny_cnn")
-    train(model, p.train, replace(RECIPE, epochs=EPOCHS.get(name, RECIPE.epochs)), seed=0, device="cpu", hook=p.hook)
-    m = evaluate(model, te, p, torch.arange(len(te)), 0, "cpu")
-    print(f"{name}: acc {m['acc']:.3f} asr {m['asr']:.3f} ra {m['ra']:.3f}; attack + resources {resource_s:.1f} s")
+    p, m = implant(name, TRAIN[name], small_data, cache, epochs=8, train_epochs=EPOCHS.get(name))
     assert m["acc"] >= 0.75 and m["asr"] >= 0.85, m
     if name == "ssba":
         assert p.info["bit_acc"] >= 0.95, p.info  # the trigger carries the secret, not just noise

@@ -13,15 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from defense.attacks import ATTACKS, AttackContext, run_attack
+from attack_setup import attack_ctx, implant
+from defense.attacks import ATTACKS, run_attack
 from defense.attacks.bpp import BppParams, bpp_trigger, dither, squeeze
 from defense.attacks.lc import LCParams, stamp, trigger_pattern
 from defense.data.augment import normalize, to_float
 from defense.resources import ResourceCache, clean_reference_model
-from defense.train import get_recipe
 
 LC_TINY = {"ref_epochs": 1, "steps": 5}  # the resource shrunk for speed; eps, step and trigger stay default
-RECIPE = get_recipe("fast", batch_size=64, lr=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +43,7 @@ def cache(tmp_path_factory):
 
 
 def ctx_for(cache, seed=0, pratio=0.05):
-    return AttackContext(target=0, pratio=pratio, seed=seed, arch="tiny_cnn", device="cpu", resources=cache,
-                         recipe=RECIPE)
+    return attack_ctx(cache, seed, pratio)
 
 
 _RUNS: dict = {}
@@ -287,7 +285,6 @@ def test_bpp_hook_rates_and_speed(data):
 
 # --------------------------------------------------------------------------- backdoor implanted
 
-ASR_RECIPE = get_recipe("fast", batch_size=64, lr=0.1, epochs=8)
 # Stronger than the defaults IN THE TEST only (measured on this setup, seed 0, ACC/ASR):
 # - lc at its defaults (eps 8, 100 PGD steps): 0.811/0.853, at the bar; with 10 steps 0.848/0.778.
 #   eps 16 (the value in BackdoorBench's resource file name, ``..._16_train.npy``), 20 steps of 2:
@@ -305,21 +302,7 @@ ASR_PARAMS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(ASR_PARAMS))
 def test_optional_attack_implants_backdoor(name, small_data, tmp_path):
-    from defense.models import create_model
-    from defense.train import train
-    from defense.trial import evaluate
-
-    tr, te = small_data
-    ctx = AttackContext(target=0, pratio=0.1, seed=0, arch="tiny_cnn", device="cpu",
-                        resources=ResourceCache(tmp_path), recipe=ASR_RECIPE)
-    t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lc: 10% of 4000 is more than class 0 holds (capped)
-        p = run_attack(name, tr, te, ASR_PARAMS[name], ctx)
-    resource_s = time.perf_counter() - t0
-    torch.manual_seed(0)
-    model = create_model("tiny_cnn")
-    train(model, p.train, ASR_RECIPE, seed=0, device="cpu", hook=p.hook)
-    m = evaluate(model, te, p, torch.arange(len(te)), 0, "cpu")
-    print(f"{name}: acc {m['acc']:.3f} asr {m['asr']:.3f} ra {m['ra']:.3f}; attack + resources {resource_s:.1f} s")
+        _, m = implant(name, ASR_PARAMS[name], small_data, ResourceCache(tmp_path), epochs=8)
     assert m["acc"] >= 0.75 and m["asr"] >= 0.85, m
