@@ -289,7 +289,6 @@ def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = Non
     children = plan.children()
     run_stage = _remote()
     start_log = _start_log()
-    log_ok = True  # the start log answers; else timeouts count from submission, as before it existed
     running: dict = {}  # ObjectRef -> (key, submitted at)
     began: dict = {}  # key -> when its current attempt left Ray's queue (the timeout counts from here)
     attempts: dict = {}
@@ -333,23 +332,22 @@ def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = Non
             refs = list(running)
             done_refs, _ = ray.wait(refs, num_returns=1, timeout=0.5)
             try:
-                started_keys = ray.get(start_log.take.remote(), timeout=30)
-            except Exception:  # noqa: BLE001 - the actor is gone: fall back to submission times
-                started_keys, log_ok = [], False
-            for k in started_keys:
+                started = {k: time.time() for k in ray.get(start_log.take.remote(), timeout=30)}
+            except Exception:  # noqa: BLE001 - the actor is gone: count a stage as started when submitted
+                started = {k: t for k, t in running.values() if k not in began}
+            for k, t in started.items():
                 if prog.status.get(k) == "queued":
                     prog.status[k] = "running"
-                    began[k] = time.time()
+                    began[k] = t
             now = time.time()
             if spec.timeout:  # cancel attempts that ran too long; they count as failures
                 for ref in refs:
-                    k, submitted = running[ref]
-                    t_start = began.get(k) if log_ok else began.get(k, submitted)
-                    if ref not in done_refs and t_start is not None and now - t_start > spec.timeout:
+                    k = running[ref][0]
+                    if ref not in done_refs and k in began and now - began[k] > spec.timeout:
                         ray.cancel(ref, force=True)
             for ref in done_refs:
-                key, submitted = running.pop(ref)
-                started = began.pop(key, None if log_ok else submitted)
+                key, _ = running.pop(ref)
+                t_start = began.pop(key, None)
                 s = plan.stages[key]
                 try:
                     output = ray.get(ref)
@@ -361,7 +359,7 @@ def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = Non
                         # Ray already re-ran the dead worker's task `max_retries` times: retrying here
                         # too would multiply the attempts (1 + retries)^2
                         attempts[key] = spec.retries + 1
-                    timed_out = spec.timeout and started is not None and time.time() - started > spec.timeout
+                    timed_out = spec.timeout and t_start is not None and time.time() - t_start > spec.timeout
                     msg = (f"timed out after {spec.timeout:g}s" if timed_out
                            else f"{type(getattr(e, 'cause', None) or e).__name__}: {str(getattr(e, 'cause', None) or e).splitlines()[0][:300] if str(getattr(e, 'cause', None) or e) else ''}")
                     if attempts[key] <= spec.retries:
