@@ -76,6 +76,20 @@ def kinds(entries) -> Counter:
     return Counter(k for k, _ in entries)
 
 
+def failed_defense(tmp_path, monkeypatch, fault: str, expect: str, extra: str = ""):
+    """One cell, defenses none + ft, with the test fault ``fault`` (a BDGRID_TEST_* variable) in
+    the defense stage: that stage alone fails, with ``expect`` in its error, and none's rows are
+    still written. Returns (out, result, the defense stage)."""
+    out = tmp_path / "out"
+    monkeypatch.setenv(fault, "defense")
+    res = run(out, spec(attacks="[badnets]", defenses=NONE + FT) + extra)
+    assert not res.ok
+    (d,) = res.plan.of_kind("defense")
+    assert list(res.failed) == [d.key] and expect in res.failed[d.key]
+    assert len(results.load(out)) == 2  # the rest of the grid went on
+    return out, res, d
+
+
 def test_two_attacks_three_defenses_train_two_models_and_rerun_is_a_noop(ray_session, tmp_path):
     out = tmp_path / "out"
     defenses = NONE + "  - name: ft\n    params: {epochs: 1}\n    sweep: {lr: [0.01, 0.001]}\n"
@@ -136,26 +150,15 @@ def test_dead_worker_is_retried_and_grid_completes(ray_session, tmp_path, monkey
 
 def test_worker_that_always_dies_is_tried_one_plus_retries_times(ray_session, tmp_path, monkeypatch):
     """Ray re-runs a dead worker's task (max_retries); the driver must not retry it again on top."""
-    out = tmp_path / "out"
-    monkeypatch.setenv("BDGRID_TEST_KILL_ALWAYS", "defense")
-    res = run(out, spec(attacks="[badnets]", defenses=NONE + FT))
-    assert not res.ok
-    (d,) = res.plan.of_kind("defense")
-    assert list(res.failed) == [d.key] and "WorkerCrashedError" in res.failed[d.key]
+    out, _, _ = failed_defense(tmp_path, monkeypatch, "BDGRID_TEST_KILL_ALWAYS", "WorkerCrashedError")
     assert len((out / ".kills-defense").read_text().split()) == 2  # 1 try + retries: 1, not 4
-    assert len(results.load(out)) == 2  # the rest (none) went on
 
 
 def test_stage_over_its_timeout_is_cancelled_and_failed(ray_session, tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    monkeypatch.setenv("BDGRID_TEST_HANG", "defense")
     t0 = time.time()
-    res = run(out, spec(attacks="[badnets]", defenses=NONE + FT) + "timeout: 3\n")
+    out, _, d = failed_defense(tmp_path, monkeypatch, "BDGRID_TEST_HANG", "timed out after 3s", "timeout: 3\n")
     assert time.time() - t0 < 120  # not the hour the stage would sleep
-    (d,) = res.plan.of_kind("defense")
-    assert list(res.failed) == [d.key] and "timed out after 3s" in res.failed[d.key]
     assert "attempts: 2" in (out / "failures" / f"defense-{d.key}.txt").read_text()  # 1 try + retries: 1
-    assert len(results.load(out)) == 2  # none's rows: the rest went on
 
 
 def test_progress_tells_queued_from_running(ray_session, tmp_path):
@@ -190,12 +193,7 @@ def test_progress_tells_queued_from_running(ray_session, tmp_path):
 
 
 def test_failing_stage_is_marked_failed_rest_goes_on_and_rerun_retries(ray_session, tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    monkeypatch.setenv("BDGRID_TEST_FAIL", "defense")
-    res = run(out, spec(attacks="[badnets]", defenses=NONE + FT))
-    assert not res.ok
-    (d,) = res.plan.of_kind("defense")
-    assert list(res.failed) == [d.key] and "injected failure" in res.failed[d.key]
+    out, res, d = failed_defense(tmp_path, monkeypatch, "BDGRID_TEST_FAIL", "injected failure")
     tb = (out / "failures" / f"defense-{d.key}.txt").read_text()
     assert "Traceback" in tb and "injected failure" in tb and "attempts: 2" in tb  # 1 try + retries: 1
     assert len(res.skipped) == 1  # its eval
