@@ -3,6 +3,7 @@ backdoored tiny_cnn, and each method's own mechanics on small hand-built models.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -383,3 +384,31 @@ def test_nwc_fp_prunes_the_top_of_the_nwc_ranking(defended):
     # the neurons after the prefix were not pruned
     layer, j = ranking[d["pruned"]]
     assert torch.any(out.model.get_submodule(layer).weight[j] != 0)
+
+
+def test_pruning_that_no_threshold_allows_returns_the_model_unpruned_and_says_so(badnets_model):
+    """All masks at 0: every threshold prunes every BN neuron, clean accuracy collapses, no
+    threshold is within the bound, so the model comes back unchanged, with a warning that names
+    the cause (a table row equal to "no defense" must not be a silent mystery)."""
+    from defense.methods._common import bn_layers
+    from defense.methods.anp import prune_by_masks, warn_if_unpruned
+
+    model = badnets_model["model"]
+    clean, _ = defender_subset(badnets_model["train"], 0.05, seed=0)
+    zeros = [torch.zeros(m.num_features) for _, m in bn_layers(model)]
+    net, diag, curve = prune_by_masks(model, clean, zeros, pruning_max=0.9, pruning_step=0.05, acc_ratio=0.1)
+    assert diag["threshold"] is None and diag["n_pruned"] == 0
+    assert _same(_state(net), _state(model))
+    assert curve[0]["pruned"] == sum(len(z) for z in zeros) and not curve[0]["within_bound"]
+    logged = []
+    with pytest.warns(UserWarning, match="returned unpruned"):
+        warn_if_unpruned("anp", diag, curve, 0.1, "hint", logged.append)
+    assert len(logged) == 1 and f"prunes {curve[0]['pruned']} neurons" in logged[0]
+    # masks all 1 prune nothing at any threshold <= 0.9: the largest threshold passes, no warning
+    ones = [torch.ones(m.num_features) for _, m in bn_layers(model)]
+    _, diag1, curve1 = prune_by_masks(model, clean, ones, pruning_max=0.9, pruning_step=0.05, acc_ratio=0.1)
+    assert diag1["threshold"] == pytest.approx(0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_unpruned("anp", diag1, curve1, 0.1, "hint", logged.append)
+    assert len(logged) == 1

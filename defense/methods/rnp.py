@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from defense.methods import DefenseOutput, register_defense
 from defense.methods._common import bn_forward, bn_layers, fit, seeded, working_copy
-from defense.methods.anp import prune_by_masks
+from defense.methods.anp import prune_by_masks, warn_if_unpruned
 
 
 @dataclass
@@ -122,6 +122,8 @@ def defend(model, clean, p: RNPParams, ctx):
     masks, rec_curve = recover_masks(unlearned, clean, p, gen)
     net, diag, prune_curve = prune_by_masks(base, clean, masks, pruning_max=p.pruning_max,
                                             pruning_step=p.pruning_step, acc_ratio=p.acc_ratio)
+    warn_if_unpruned("rnp", diag, prune_curve, p.acc_ratio, "Masks of neurons that clean accuracy needs reached "
+                     "0 too (see diagnostics mask_quantiles); a larger acc_ratio accepts more accuracy loss.", ctx.log)
     diag["unlearn_epochs"] = len(un_curve)
     diag["unlearn_final_acc"] = un_curve[-1]["train_acc"] if un_curve else None
     return DefenseOutput(net, diag, un_curve + rec_curve + prune_curve)
