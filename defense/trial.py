@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from defense.attacks import ATTACKS, AttackContext, Poisoned
-from defense.data import Data, dataset_info, load_dataset
+from defense.data import Data, load_dataset
 from defense.data.splits import defender_subset, val_test_indices
-from defense.methods import DEFENSES, DefenseContext, run_defense
+from defense.methods import DefenseContext, run_defense
 from defense.metrics import attack_metrics, der
 from defense.models import create_model
 from defense.train import get_recipe, pick_device, train

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
 
 from grid.spec import STAGE_KINDS, LoadedSpec, canon, expand
 

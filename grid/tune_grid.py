@@ -11,7 +11,6 @@ In a tune spec::
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from grid.tune_spec import Cell

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from attack_setup import attack_ctx, implant
 from defense.attacks import ATTACKS, run_attack
 from defense.attacks.bpp import BppParams, bpp_trigger, dither, squeeze
-from defense.attacks.lc import LCParams, stamp, trigger_pattern
+from defense.attacks.lc import stamp, trigger_pattern
 from defense.data.augment import normalize, to_float
 from defense.resources import ResourceCache, clean_reference_model
 

@@ -368,7 +368,7 @@ def test_ibau_hypergradient_equals_the_implicit_function_formula():
 
 
 def test_nwc_fp_prunes_the_top_of_the_nwc_ranking(defended):
-    from defense.methods.nwc_fp import NWCFPParams, nwc_prepare
+    from defense.methods.nwc_fp import nwc_prepare
     from defense.methods.tsbd import NWC
 
     bd, model, _, runs = defended

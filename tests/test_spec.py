@@ -2,7 +2,6 @@
 the store detects corruption, cluster.yaml passes Ray's own schema. No Ray session needed."""
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from defense.data import Data, DatasetInfo
 from defense.methods import DEFENSES, DefenseContext, run_defense
-from defense.methods.tsbd import (NWC, TSBDParams, activeness_finetune, activeness_step, clean_unlearn, defend,
+from defense.methods.tsbd import (TSBDParams, activeness_finetune, activeness_step, clean_unlearn,
                                   neuron_weight_change, rank_neurons, scored_layers, tsbd_prepare, tsbd_sweep,
                                   zero_reinit)
 from defense.models import create_model
