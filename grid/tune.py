@@ -24,196 +24,33 @@ parameters. COMPLETE trials are never touched; a trial is told only by the drive
 so none is counted twice. Journal storage appends under a file lock, so two drivers on one
 journal file (or any number on one RDB) lose no trial.
 
-Sources: Optuna ask/tell interface (optuna.readthedocs.io, "Ask-and-Tell Interface"),
-``JournalStorage(JournalFileBackend(path))`` and ``RDBStorage`` (Optuna storages reference),
-Ray tasks and ``ray.wait`` (docs.ray.io, "Tasks", "Pattern: using ray.wait to limit pending tasks").
+This module is the driver; beside it: ``tune_tasks`` (what a trial may read, the Ray task
+functions), ``tune_study`` (storage, sampler, resume), ``tune_best`` (choosing, best.yaml),
+``tune_spec`` (the spec), ``tune_grid`` (models from a grid's artifact store).
+
+Sources: Optuna ask/tell interface (optuna.readthedocs.io, "Ask-and-Tell Interface"), Ray tasks and ``ray.wait`` (docs.ray.io, "Tasks", "Pattern: using ray.wait to limit pending tasks").
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib
 import json
 import logging
 import os
-import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from grid.tune_spec import Cell, TuneSpec, distribution, grid_values
+from grid.tune_best import write_best
+from grid.tune_spec import Cell, TuneSpec, distribution
+from grid.tune_study import HEARTBEAT_ATTR, OWNER_ATTR, counts, open_study, owner_id, recover
+from grid.tune_tasks import build_inputs, final_cell, prepare_cell, remote, train_cell, trial_cell
 
 log = logging.getLogger("bdgrid.tune")
 
-OWNER_ATTR = "bdgrid_owner"
-HEARTBEAT_ATTR = "bdgrid_heartbeat"
 HEARTBEAT_EVERY_S = 30.0
-
-
-# ============================================================================ inputs of a trial
-
-@dataclass
-class TuneInputs:
-    """Everything a trial task may read for one cell. Deliberately no reported-test data."""
-
-    label: str
-    key: str
-    arch: str
-    num_classes: int
-    channels: int
-    size: int
-    state: dict  # backdoored model's state_dict (CPU)
-    clean: Any  # defense.data.Data: the defender's clean subset of the training set
-    val: Any  # Data: validation split of the clean test set
-    val_bd: Any  # Data: backdoor test images whose source image is in the validation split
-    val_bd_true: torch.Tensor
-    val_idx: torch.Tensor  # indices into the original test set (for the leakage check)
-    target: int
-    seed: int
-    before: dict  # the backdoored model's acc/asr/ra on the validation split
-
-    def model(self) -> torch.nn.Module:
-        from defense.models import create_model
-
-        m = create_model(self.arch, num_classes=self.num_classes, in_channels=self.channels, image_size=self.size)
-        m.load_state_dict(self.state)
-        return m
-
-
-def trial_config(cell: Cell, device: str = "cpu"):
-    from defense.trial import TrialConfig
-
-    return TrialConfig(**{k: v for k, v in cell.model_dump().items()}, device=device)
-
-
-def build_inputs(cell: Cell, state: dict) -> TuneInputs:
-    """Cut the validation inputs of a cell. The test set is loaded whole (the backdoor test
-    set is built from it), but only its validation indices are copied into the result."""
-    from defense.data.splits import defender_subset
-    from defense.metrics import attack_metrics
-    from defense.trial import load_splits, make_poisoned, split_backdoor
-
-    cfg = trial_config(cell)
-    train_set, test_set, val_idx, test_idx = load_splits(cfg)
-    assert not set(val_idx.tolist()) & set(test_idx.tolist()), "validation and reported test split overlap"
-    poisoned = make_poisoned(cfg, train_set, test_set)
-    info = train_set.info
-    inp = TuneInputs(cell.label(), cell.key(), cell.arch, info.num_classes, info.channels, info.size, state,
-                     clean=defender_subset(train_set, cell.defender_ratio, cell.seed)[0],
-                     val=test_set.subset(val_idx), val_bd=None, val_bd_true=None, val_idx=val_idx.clone(),
-                     target=cell.target, seed=cell.seed, before={})
-    model = inp.model().eval()
-    inp.val_bd, inp.val_bd_true = split_backdoor(poisoned, model, val_idx)
-    inp.before = attack_metrics(model, inp.val, inp.val_bd, inp.val_bd_true, cell.target)
-    return inp
-
-
-# ============================================================================ Ray tasks
-
-def _setup_worker(imports: list[str], threads: float) -> None:
-    """In a Ray worker: register the spec's extra modules, use as many torch threads as CPUs asked."""
-    for m in imports:
-        importlib.import_module(m)
-    torch.set_num_threads(max(1, int(threads)))
-
-
-def _to(obj, device):
-    if torch.is_tensor(obj):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to(v, device) for v in obj)
-    return obj
-
-
-def train_cell(cell_dict: dict, imports: list[str], threads: float, device: str) -> tuple[dict, list]:
-    """Train a cell's backdoored model; return its CPU state_dict and training history."""
-    from defense.trial import load_splits, make_poisoned, train_backdoored
-
-    _setup_worker(imports, threads)
-    cfg = trial_config(Cell(**cell_dict), device=device)
-    train_set, test_set, _, _ = load_splits(cfg)
-    model, hist = train_backdoored(cfg, make_poisoned(cfg, train_set, test_set))
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, hist
-
-
-def prepare_cell(inp: TuneInputs, defense: str, params: dict, imports: list[str], threads: float, device: str):
-    """The defense's expensive shared part (TSBD Stages 1a/1b) for one cell; CPU result."""
-    from defense.methods import DEFENSES, DefenseContext
-    from defense.train import pick_device
-
-    _setup_worker(imports, threads)
-    dev = pick_device(device)
-    entry = DEFENSES.get(defense)
-    ctx = DefenseContext(device=dev, seed=inp.seed)
-    out = entry.meta["prepare"](inp.model().to(dev), inp.clean.to(dev), entry.make_params(params), ctx)
-    return _to(out, "cpu")
-
-
-def trial_cell(inp: TuneInputs, defense: str, params: dict, prepared, imports: list[str], threads: float,
-               device: str) -> dict:
-    """One trial on one cell: defend, then score on the validation split only."""
-    from defense.methods import DefenseContext, run_defense
-    from defense.metrics import attack_metrics, der
-    from defense.train import pick_device
-
-    _setup_worker(imports, threads)
-    dev = pick_device(device)
-    t0 = time.perf_counter()
-    ctx = DefenseContext(device=dev, seed=inp.seed, prepared=_to(prepared, dev))
-    res = run_defense(defense, inp.model().to(dev), inp.clean.to(dev), params, ctx)
-    m = attack_metrics(res.model, inp.val.to(dev), inp.val_bd.to(dev), inp.val_bd_true.to(dev), inp.target)
-    m["der"] = der(inp.before["acc"], inp.before["asr"], m["acc"], m["asr"])
-    return {**m, "bd_acc": inp.before["acc"], "bd_asr": inp.before["asr"], "bd_ra": inp.before["ra"],
-            "wall_s": time.perf_counter() - t0, "device": str(dev)}
-
-
-def final_cell(cell_dict: dict, state: dict, defense: str, params: dict, prepared, imports: list[str],
-               threads: float, device: str) -> dict:
-    """Reporting only (after tuning): defend with ``params`` and score on the REPORTED test split."""
-    from defense.data.splits import defender_subset
-    from defense.methods import DefenseContext, run_defense
-    from defense.metrics import der
-    from defense.trial import evaluate, load_splits, make_poisoned
-
-    _setup_worker(imports, threads)
-    cell = Cell(**cell_dict)
-    cfg = trial_config(cell, device=device)
-    from defense.train import pick_device
-
-    dev = pick_device(device)
-    train_set, test_set, _, test_idx = load_splits(cfg)
-    poisoned = make_poisoned(cfg, train_set, test_set)
-    inp = TuneInputs(cell.label(), cell.key(), cell.arch, train_set.info.num_classes, train_set.info.channels,
-                     train_set.info.size, state, None, None, None, None, None, cell.target, cell.seed, {})
-    model = inp.model().to(dev)
-    before = evaluate(model, test_set, poisoned, test_idx, cell.target, dev)
-    t0 = time.perf_counter()
-    clean = defender_subset(train_set, cell.defender_ratio, cell.seed)[0].to(dev)
-    res = run_defense(defense, copy.deepcopy(model), clean, params,
-                      DefenseContext(device=dev, seed=cell.seed, prepared=_to(prepared, dev)))
-    after = evaluate(res.model, test_set, poisoned, test_idx, cell.target, dev)
-    return {**after, "der": der(before["acc"], before["asr"], after["acc"], after["asr"]),
-            "bd_acc": before["acc"], "bd_asr": before["asr"], "bd_ra": before["ra"],
-            "wall_s": time.perf_counter() - t0, "device": str(dev)}
-
-
-_REMOTE: dict[str, Any] = {}
-
-
-def remote(fn: Callable, resources) -> Any:
-    """``fn`` as a Ray task with the spec's resources (created once per function)."""
-    import ray
-
-    if fn.__name__ not in _REMOTE:
-        _REMOTE[fn.__name__] = ray.remote(fn)
-    # max_retries: re-run a task whose worker process died; exceptions are not retried (a
-    # parameter that crashes the defense is a failed trial, not a flaky one).
-    return _REMOTE[fn.__name__].options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, max_retries=2)
 
 
 def init_ray(address: str | None = None) -> bool:
@@ -222,138 +59,6 @@ def init_ray(address: str | None = None) -> bool:
     from grid.run import connect
 
     return connect(address)
-
-
-# ============================================================================ storage, study, resume
-
-def open_storage(url: str):
-    """An RDB URL (postgresql://, mysql://, sqlite:///) or else a journal file path."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend
-
-    if "://" in url:
-        # pool_pre_ping: a cluster's long-lived driver survives the database closing idle connections
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-    Path(url).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(JournalFileBackend(str(url)))
-
-
-def make_sampler(spec: TuneSpec):
-    import optuna
-
-    s = spec.sampler
-    if s == "tpe":
-        # constant_liar: parallel trials in flight are treated as bad results so that TPE does not
-        # propose the same point `parallelism` times (Optuna docs, TPESampler).
-        return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, constant_liar=True,
-                                          n_startup_trials=min(10, max(2, spec.n_trials // 3)))
-    if s == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=spec.seed, population_size=max(4, min(50, spec.n_trials // 2)))
-    if s == "grid":
-        return _AskTellGridSampler({n: grid_values(d) for n, d in spec.space.items()}, seed=spec.seed)
-    return optuna.samplers.RandomSampler(seed=spec.seed)
-
-
-def _grid_sampler_class():
-    import optuna
-
-    class AskTellGridSampler(optuna.samplers.GridSampler):
-        """GridSampler calls ``study.stop()`` once the grid is exhausted, which raises outside
-        ``study.optimize``; under ask/tell the driver's ``n_trials`` bound ends the study instead
-        (the tell itself is already stored when after_trial raises: Optuna's _tell.py)."""
-
-        def after_trial(self, study, trial, state, values):
-            try:
-                super().after_trial(study, trial, state, values)
-            except RuntimeError as e:
-                if "Study.stop" not in str(e):
-                    raise
-
-    return AskTellGridSampler
-
-
-def _AskTellGridSampler(*a, **kw):
-    return _grid_sampler_class()(*a, **kw)
-
-
-def open_study(spec: TuneSpec, storage=None):
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = storage if storage is not None else open_storage(spec.storage_url())
-    study = optuna.create_study(storage=storage, study_name=spec.study, sampler=make_sampler(spec),
-                                directions=spec.directions(), load_if_exists=True)
-    have = [d.name.lower() for d in study.directions]
-    if have != spec.directions():
-        raise ValueError(f"study '{spec.study}' exists with directions {have}, the spec asks {spec.directions()}; "
-                         f"use another study name")
-    if "defense" not in study.user_attrs:
-        study.set_user_attr("defense", spec.defense)
-        study.set_user_attr("objectives", spec.objectives)
-        study.set_user_attr("tuned_on", spec.tuned_on())
-    elif study.user_attrs["defense"] != spec.defense:
-        raise ValueError(f"study '{spec.study}' tunes {study.user_attrs['defense']}, the spec says {spec.defense}")
-    return study
-
-
-def _proc_start(pid: int) -> str | None:
-    """Start time of a process (clock ticks since boot, /proc/<pid>/stat field 22): tells a
-    live process from a later one that reused its pid."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] in ("Z", "X") else fields[19]  # a zombie is dead, only not yet reaped
-
-
-def owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{_proc_start(os.getpid())}"
-
-
-def owner_alive(owner: str | None) -> bool | None:
-    """True/False for an owner on this host; None when it cannot be told (other host, no owner)."""
-    if not owner:
-        return None
-    host, pid, start = owner.rsplit(":", 2)
-    if host != socket.gethostname():
-        return None
-    return _proc_start(int(pid)) == start and start != "None"
-
-
-def recover(study, stale_after_s: float = 900.0) -> list[int]:
-    """Fail the RUNNING trials whose driver is gone and re-enqueue their parameters.
-    Returns the numbers of the trials failed."""
-    from optuna.exceptions import UpdateFinishedTrialError
-    from optuna.trial import TrialState
-
-    storage, done = study._storage, []
-    now = time.time()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = t.user_attrs.get(OWNER_ATTR)
-        alive = owner_alive(owner)
-        if alive is None:
-            last = t.user_attrs.get(HEARTBEAT_ATTR) or (t.datetime_start.timestamp() if t.datetime_start else now)
-            alive = now - last < stale_after_s
-        if alive:
-            continue
-        try:
-            storage.set_trial_user_attr(t._trial_id, "bdgrid_fail_reason", f"driver {owner} died")
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        except (UpdateFinishedTrialError, RuntimeError):
-            continue  # another driver recovered it first
-        study.enqueue_trial(t.params, user_attrs={"bdgrid_retry_of": t.number})
-        done.append(t.number)
-    return done
-
-
-def counts(study) -> dict[str, int]:
-    from optuna.trial import TrialState
-
-    c = {s.name.lower(): 0 for s in TrialState}
-    for t in study.get_trials(deepcopy=False):
-        c[t.state.name.lower()] += 1
-    return c
 
 
 # ============================================================================ models
@@ -544,90 +249,8 @@ def run_study(spec: TuneSpec, address: str | None = None, log_fn: Callable[[str]
 
 # ============================================================================ outputs
 
-def acc_drop(trial) -> float:
-    """Validation ACC lost by the defense, mean over the trial's cells (fraction)."""
-    cells = [v for k, v in trial.user_attrs.items() if k.startswith("cell:")]
-    return sum(c["bd_acc"] - c["acc"] for c in cells) / len(cells) if cells else 0.0
 
-
-def pick_best(spec: TuneSpec, study) -> tuple[Any, list]:
-    """(chosen trial, Pareto trials). Single objective: the best trial. Several: the Pareto
-    front, and from it the trial with the best ``spec.select`` value (validation DER by default).
-    With ``max_acc_drop``, only trials within that clean-accuracy budget are chosen from, when
-    any is (else the budget is ignored and the log says so)."""
-    from optuna.trial import TrialState
-
-    def within(ts):
-        if spec.max_acc_drop is None:
-            return ts
-        ok = [t for t in ts if acc_drop(t) <= spec.max_acc_drop + 1e-9]
-        if not ok:
-            log.warning(f"no trial keeps validation ACC within {spec.max_acc_drop:.3f} of the backdoored "
-                        f"model's; choosing among all")
-        return ok or ts
-
-    if len(spec.objectives) == 1:
-        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if not done:
-            raise ValueError(f"study '{study.study_name}' has no complete trial yet")
-        sign = 1 if spec.directions()[0] == "maximize" else -1
-        best = max(within(done), key=lambda t: (sign * t.values[0], -t.number))
-        return best, [best]
-    front = study.best_trials
-
-    def score(t):
-        if spec.select in spec.objectives:
-            v = t.values[spec.objectives.index(spec.select)]
-        else:
-            v = t.user_attrs.get(spec.select, t.user_attrs.get("der", 0.0))
-        return v if spec.select != "asr" else -v
-
-    return max(within(front), key=lambda t: (score(t), -t.number)), front
-
-
-def best_doc(spec: TuneSpec, study) -> dict:
-    best, front = pick_best(spec, study)
-    attacks = sorted({c.attack for c in spec.cells()})
-    return {
-        "defense": spec.defense,
-        "params": {**spec.params, **best.params},
-        "tuned_on": attacks,
-        "tuned_on_cells": spec.tuned_on(),
-        "study": spec.study,
-        "storage": spec.storage_url(),
-        "objectives": {o: spec.directions()[i] for i, o in enumerate(spec.objectives)},
-        "trial": best.number,
-        "values": dict(zip(spec.objectives, best.values)),
-        "acc_drop": round(acc_drop(best), 6),
-        "max_acc_drop": spec.max_acc_drop,
-        "split": "val",
-        "pareto": [{"trial": t.number, "params": {**spec.params, **t.params},
-                    "values": dict(zip(spec.objectives, t.values))} for t in front],
-    }
-
-
-def write_best(spec: TuneSpec, study, path: Path | None = None) -> Path:
-    """best.yaml: what a grid spec reads with ``params_from: <file>`` (keys defense, params)."""
-    import yaml
-
-    path = path or spec.out_dir() / "best.yaml"
-    doc = best_doc(spec, study)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text("# written by `bdgrid tune`; chosen on the validation split\n"
-                   + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))
-    os.replace(tmp, path)
-    return path
-
-
-def load_best(path: str | Path) -> dict:
-    """Read a best.yaml back (``params_from``): returns {defense, params, tuned_on, ...}."""
-    import yaml
-
-    doc = yaml.safe_load(Path(path).read_text())
-    if not isinstance(doc, dict) or "defense" not in doc or not isinstance(doc.get("params"), dict):
-        raise ValueError(f"{path}: not a bdgrid tune result (needs 'defense' and a 'params' mapping)")
-    return doc
-
+# ============================================================================ outputs
 
 def _row(spec: TuneSpec, cell: Cell, params: dict, metrics: dict, split: str, stage: str) -> dict:
     return {"grid": f"tune:{spec.study}", "dataset": cell.dataset, "arch": cell.arch, "attack": cell.attack,
@@ -639,31 +262,7 @@ def _row(spec: TuneSpec, cell: Cell, params: dict, metrics: dict, split: str, st
 def write_rows(out: Path, stage: str, key: str, rows: list[dict], table: str) -> None:
     import results
 
-    try:
-        results.write_stage(out, stage, key, rows, table=table)
-    except ValueError as e:
-        if "unknown results table" not in str(e):
-            raise
-        _write_fallback(out, stage, key, rows, table)
-
-
-def _write_fallback(out: Path, stage: str, key: str, rows: list[dict], table: str) -> None:
-    """Until the results package names a "trials" table: the "results" layout under <out>/<table>/
-    (trial number, study, cell and objective values go to its ``extra`` JSON column)."""
-    import datetime as dt
-    import uuid
-
-    import pyarrow.parquet as pq
-    from results.schema import SCHEMA_VERSION, to_table
-
-    now = dt.datetime.now(dt.timezone.utc)
-    tbl = to_table([{**r, "stage": stage, "key": key, "schema_version": SCHEMA_VERSION, "written_at": now}
-                    for r in rows], "results")
-    final = Path(out) / table / f"{stage}-{key}.parquet"
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
-    pq.write_table(tbl, tmp)
-    os.replace(tmp, final)
+    results.write_stage(out, stage, key, rows, table=table)
 
 
 def write_trial_rows(spec: TuneSpec, trial, values: list[float], cells: list[Cell], per_cell: dict) -> None:
@@ -724,7 +323,7 @@ def evaluate_on_test(spec: TuneSpec, params_sets: dict[str, dict], which=("tune_
     return rows
 
 
-def report(spec: TuneSpec, study=None) -> list[Path]:
+def write_plots(spec: TuneSpec, study=None) -> list[Path]:
     """PNG plots under <out>/plots: optimisation history and parameter importance per objective
     (optuna.visualization.matplotlib), and the Pareto front for two objectives."""
     import matplotlib

@@ -28,7 +28,9 @@ def tune(
     from rich.console import Console
     from rich.table import Table
 
-    from grid import tune as T
+    from grid.tune import evaluate_on_test, run_study, write_plots
+    from grid.tune_best import best_doc, write_best
+    from grid.tune_study import counts, open_study
     from grid.cli import fail
     from grid.tune_spec import SpecError, load_spec
 
@@ -45,16 +47,16 @@ def tune(
     say = (lambda m: None) if as_json else console.print
     summary: dict = {"study": spec.study, "storage": spec.storage_url()}
     if not report:
-        summary = T.run_study(spec, address=address, log_fn=say)
-    study_obj = T.open_study(spec)
-    if not T.counts(study_obj)["complete"]:
+        summary = run_study(spec, address=address, log_fn=say)
+    study_obj = open_study(spec)
+    if not counts(study_obj)["complete"]:
         fail(f"study '{spec.study}' in {spec.storage_url()} has no complete trial yet")
-    summary["best"] = str(T.write_best(spec, study_obj))
-    summary["plots"] = [str(p) for p in T.report(spec, study_obj)]
-    doc = T.best_doc(spec, study_obj)
+    summary["best"] = str(write_best(spec, study_obj))
+    summary["plots"] = [str(p) for p in write_plots(spec, study_obj)]
+    doc = best_doc(spec, study_obj)
     summary["params"] = doc["params"]
     if evaluate:
-        rows = T.evaluate_on_test(spec, {"default": dict(spec.params), "tuned": doc["params"]}, address=address)
+        rows = evaluate_on_test(spec, {"default": dict(spec.params), "tuned": doc["params"]}, address=address)
         summary["evaluation"] = [{k: r[k] for k in ("params_set", "cell", "tuned", "acc", "asr", "ra", "der",
                                                     "bd_acc", "bd_asr")} for r in rows]
     if as_json:

@@ -103,7 +103,7 @@ def n_prepare_calls(tmp: Path) -> int:
 
 
 def states(spec) -> dict:
-    from grid.tune import counts, open_study
+    from grid.tune_study import counts, open_study
 
     return counts(open_study(spec))
 
@@ -112,7 +112,7 @@ def states(spec) -> dict:
 
 def test_small_study_records_all_trials_and_shares_prepare(model_state, ray_address, tmp_path):
     import results
-    from grid import tune
+    from grid import tune, tune_best, tune_study
     from grid.spec import read_params_from  # the grid's reader of params_from files
 
     spec = make_spec(tmp_path)
@@ -123,7 +123,7 @@ def test_small_study_records_all_trials_and_shares_prepare(model_state, ray_addr
     assert s["n_prepare"] == 1 and n_prepare_calls(tmp_path) == 1
     assert len(list((spec.out_dir() / "prepared").glob("*.pt"))) == 1  # checkpointed for resume/evaluation
 
-    study = tune.open_study(spec)
+    study = tune_study.open_study(spec)
     rows = results.load(spec.out_dir(), table="trials")
     assert len(rows) == 8 and set(rows["split"]) == {"val"} and set(rows["tuned_on"]) == {"badnets"}
     by_trial = {json.loads(e)["trial"]: r for e, (_, r) in zip(rows["extra"], rows.iterrows())}
@@ -131,7 +131,7 @@ def test_small_study_records_all_trials_and_shares_prepare(model_state, ray_addr
         assert by_trial[t.number]["acc"] == pytest.approx(t.values[0])
         assert by_trial[t.number]["asr"] == pytest.approx(t.values[1])
     # the Pareto set is non-dominated and the chosen trial is on it
-    best = tune.load_best(s["best"])
+    best = tune_best.load_best(s["best"])
     pareto = {p["trial"] for p in best["pareto"]}
     assert best["trial"] in pareto and best["tuned_on"] == ["badnets"] and best["defense"] == "tune_probe"
     for t in study.trials:
@@ -150,7 +150,7 @@ def test_small_study_records_all_trials_and_shares_prepare(model_state, ray_addr
     params, problem = read_params_from(L, D)
     assert problem is None and params == best["params"]
 
-    paths = tune.report(spec, study)
+    paths = tune.write_plots(spec, study)
     names = {p.name for p in paths}
     assert {"history-acc.png", "history-asr.png", "pareto.png"} <= names
     assert any(n.startswith("importance-") for n in names)
@@ -162,7 +162,7 @@ def test_small_study_records_all_trials_and_shares_prepare(model_state, ray_addr
 
 
 def test_prepare_runs_once_per_distinct_shared_value(model_state, ray_address, tmp_path):
-    from grid import tune
+    from grid import tune, tune_study
 
     spec = make_spec(tmp_path, space={"n": {"type": "categorical", "choices": [0.0, 0.2]},
                                       "lr_un": {"type": "categorical", "choices": [1e-3, 3e-3]}},
@@ -170,7 +170,7 @@ def test_prepare_runs_once_per_distinct_shared_value(model_state, ray_address, t
     s = tune.run_study(spec)
     assert s["counts"]["complete"] == 4
     assert s["n_prepare"] == 2 and n_prepare_calls(tmp_path) == 2  # one per lr_un value, not per trial
-    seen = sorted((t.params["n"], t.params["lr_un"]) for t in tune.open_study(spec).trials)
+    seen = sorted((t.params["n"], t.params["lr_un"]) for t in tune_study.open_study(spec).trials)
     assert seen == [(0.0, 1e-3), (0.0, 3e-3), (0.2, 1e-3), (0.2, 3e-3)]
 
 
@@ -179,7 +179,7 @@ def test_objectives_never_read_the_reported_test_split(model_state, ray_address,
     bit-for-bit the same; the final (reported) evaluation does change, so the garbling bites."""
     from defense.data import load_dataset
     from defense.data.splits import val_test_indices
-    from grid import tune
+    from grid import tune, tune_study, tune_tasks
 
     kw = dict(space={"n": {"type": "categorical", "choices": [0.0, 0.25]}}, sampler="grid", n_trials=2,
               objectives=["acc", "asr"], params={"epochs": 1})
@@ -187,7 +187,7 @@ def test_objectives_never_read_the_reported_test_split(model_state, ray_address,
     garbled = make_spec(tmp_path / "b", study="garbled", base={**BASE, "dataset": "synthetic_garbled"}, **kw)
 
     # what a trial task receives holds validation indices only
-    inp = tune.build_inputs(garbled.cells()[0], _STATE["badnets"])
+    inp = tune_tasks.build_inputs(garbled.cells()[0], _STATE["badnets"])
     val_idx, test_idx = val_test_indices(DATA["n_test"], 0.2, seed=0)
     assert torch.equal(inp.val_idx, val_idx) and not set(inp.val_idx.tolist()) & set(test_idx.tolist())
     _, test = load_dataset("synthetic", **DATA)
@@ -196,7 +196,7 @@ def test_objectives_never_read_the_reported_test_split(model_state, ray_address,
     values = {}
     for spec in (clean, garbled):
         tune.run_study(spec)
-        values[spec.study] = {t.params["n"]: t.values for t in tune.open_study(spec).trials}
+        values[spec.study] = {t.params["n"]: t.values for t in tune_study.open_study(spec).trials}
     assert values["clean"] == values["garbled"] and len(values["clean"]) == 2, values
 
     rep = {spec.study: tune.evaluate_on_test(spec, {"tuned": {"n": 0.0, "epochs": 0}})[0] for spec in (clean, garbled)}
@@ -206,13 +206,13 @@ def test_objectives_never_read_the_reported_test_split(model_state, ray_address,
 
 
 def test_failed_trial_is_recorded_and_bounded(model_state, ray_address, tmp_path):
-    from grid import tune
+    from grid import tune, tune_study
 
     spec = make_spec(tmp_path, space={"n": {"type": "categorical", "choices": [0.0, 0.5]}}, sampler="grid",
                      n_trials=2, max_failures=1, params={"fail_above": 0.3, "epochs": 0})
     s = tune.run_study(spec)
     assert s["counts"]["complete"] == 1 and s["counts"]["fail"] == 1 and len(s["failed"]) == 1
-    t = tune.open_study(spec).trials[s["failed"][0]]
+    t = tune_study.open_study(spec).trials[s["failed"][0]]
     assert t.params["n"] == 0.5 and "fail_above" in t.user_attrs["bdgrid_fail_reason"]
 
 
@@ -258,13 +258,13 @@ def summary_of(p: subprocess.Popen, timeout: float = 300) -> dict:
 
 @pytest.mark.slow
 def test_two_drivers_on_one_journal_lose_no_trial(model_state, ray_address, tmp_path):
-    from grid import tune
+    from grid import tune_study
 
     spec = make_spec(tmp_path, n_trials=6, sampler="random", params={"epochs": 0, "sleep_s": 0.5})
     f = write_spec_file(spec, tmp_path / "tune.yaml")
     a, b = driver(f, ray_address), driver(f, ray_address)
     sa, sb = summary_of(a), summary_of(b)
-    study = tune.open_study(spec)
+    study = tune_study.open_study(spec)
     complete = {t.number for t in study.trials if t.state.name == "COMPLETE"}
     assert not set(sa["told"]) & set(sb["told"])  # each trial told by exactly one driver
     assert set(sa["told"]) | set(sb["told"]) == complete  # and every told trial is in the storage
@@ -274,7 +274,7 @@ def test_two_drivers_on_one_journal_lose_no_trial(model_state, ray_address, tmp_
 
 @pytest.mark.slow
 def test_killed_study_resumes_without_losing_or_double_counting(model_state, ray_address, tmp_path):
-    from grid import tune
+    from grid import tune, tune_study
 
     spec = make_spec(tmp_path, n_trials=6, sampler="random", params={"epochs": 0, "sleep_s": 4.0})
     f = write_spec_file(spec, tmp_path / "tune.yaml")
@@ -289,7 +289,7 @@ def test_killed_study_resumes_without_losing_or_double_counting(model_state, ray
         assert p.poll() is None, p.communicate()[1][-3000:]
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
-    study = tune.open_study(spec)
+    study = tune_study.open_study(spec)
     done_before = {t.number: t.values for t in study.trials if t.state.name == "COMPLETE"}
     orphans = {t.number: t.params for t in study.trials if t.state.name == "RUNNING"}
     assert len(done_before) >= 2 and orphans
@@ -297,7 +297,7 @@ def test_killed_study_resumes_without_losing_or_double_counting(model_state, ray
     assert n_prepare_calls(tmp_path) == 1
     s = tune.run_study(spec)  # the rerun (same spec, same journal)
     assert s["n_prepare"] == 0 and n_prepare_calls(tmp_path) == 1  # Stages "1a/1b" read back from disk
-    study = tune.open_study(spec)
+    study = tune_study.open_study(spec)
     by_number = {t.number: t for t in study.trials}
     assert sorted(s["recovered"]) == sorted(orphans)
     for n, vals in done_before.items():  # no COMPLETE trial lost or changed

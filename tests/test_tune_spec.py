@@ -103,23 +103,24 @@ def test_recover_fails_only_trials_of_dead_drivers(tmp_path):
     heartbeat from another host, are left alone; COMPLETE trials are never touched."""
     import optuna
 
-    from grid import tune
+    from grid import tune_study
 
-    storage = tune.open_storage(str(tmp_path / "j.journal"))
+    storage = tune_study.open_storage(str(tmp_path / "j.journal"))
     study = optuna.create_study(storage=storage, study_name="r", directions=["maximize"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # reaped: its pid now names no process (or a later one with another start time)
     host = __import__("socket").gethostname()
-    owners = {"done": tune.owner_id(), "alive": tune.owner_id(), "dead": f"{host}:{dead.pid}:{tune._proc_start(dead.pid)}",
+    me = tune_study.owner_id()
+    owners = {"done": me, "alive": me, "dead": f"{host}:{dead.pid}:{tune_study._proc_start(dead.pid)}",
               "far_stale": "elsewhere:1:1", "far_fresh": "elsewhere:2:2"}
     trials = {}
     for name, owner in owners.items():
         t = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
-        t.set_user_attr(tune.OWNER_ATTR, owner)
-        t.set_user_attr(tune.HEARTBEAT_ATTR, time.time() - (10_000 if name == "far_stale" else 0))
+        t.set_user_attr(tune_study.OWNER_ATTR, owner)
+        t.set_user_attr(tune_study.HEARTBEAT_ATTR, time.time() - (10_000 if name == "far_stale" else 0))
         trials[name] = t
     study.tell(trials["done"], 0.5)
-    failed = tune.recover(study, stale_after_s=900)
+    failed = tune_study.recover(study, stale_after_s=900)
     assert sorted(failed) == sorted([trials["dead"].number, trials["far_stale"].number])
     st = {t.number: t.state.name for t in study.get_trials()}
     assert st[trials["done"].number] == "COMPLETE" and st[trials["alive"].number] == "RUNNING"
@@ -127,7 +128,7 @@ def test_recover_fails_only_trials_of_dead_drivers(tmp_path):
     waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
     assert sorted(w.user_attrs["bdgrid_retry_of"] for w in waiting) == sorted(failed)
     assert {(w.params or w.system_attrs["fixed_params"])["x"] for w in waiting} == {trials["dead"].params["x"], trials["far_stale"].params["x"]}
-    assert tune.recover(study) == []  # idempotent
+    assert tune_study.recover(study) == []  # idempotent
 
 
 def test_max_acc_drop_limits_the_chosen_trial(tmp_path):
@@ -136,10 +137,10 @@ def test_max_acc_drop_limits_the_chosen_trial(tmp_path):
     with a budget no trial meets, the budget is ignored rather than returning nothing."""
     import optuna
 
-    from grid import tune
+    from grid import tune_best, tune_study
     from grid.tune_spec import SpecError, parse_spec
 
-    study = optuna.create_study(storage=tune.open_storage(str(tmp_path / "j.journal")), study_name="s",
+    study = optuna.create_study(storage=tune_study.open_storage(str(tmp_path / "j.journal")), study_name="s",
                                 directions=["maximize", "minimize"])
     # (val acc, val asr, der); the backdoored model had val acc 0.90
     for acc, asr, d in [(0.90, 0.60, 0.70), (0.89, 0.30, 0.83), (0.80, 0.02, 0.90), (0.70, 0.00, 0.85)]:
@@ -147,12 +148,12 @@ def test_max_acc_drop_limits_the_chosen_trial(tmp_path):
         t.set_user_attr("cell:c", {"acc": acc, "asr": asr, "bd_acc": 0.90, "der": d})
         t.set_user_attr("der", d)
         study.tell(t, [acc, asr])
-    pick = lambda **kw: tune.pick_best(parse_spec(raw_spec(**kw)), study)[0].number
+    pick = lambda **kw: tune_best.pick_best(parse_spec(raw_spec(**kw)), study)[0].number
     assert pick() == 2  # highest DER on the front
     assert pick(max_acc_drop=0.02) == 1  # best DER with at most 2 points of ACC lost
     assert pick(max_acc_drop=0.02, select="asr") == 1
     assert pick(max_acc_drop=0.0) == 0
-    doc = tune.best_doc(parse_spec(raw_spec(max_acc_drop=0.02)), study)
+    doc = tune_best.best_doc(parse_spec(raw_spec(max_acc_drop=0.02)), study)
     assert doc["trial"] == 1 and doc["acc_drop"] == pytest.approx(0.01) and doc["max_acc_drop"] == 0.02
     with pytest.raises(SpecError, match="max_acc_drop: a fraction in"):
         parse_spec(raw_spec(max_acc_drop=2.0))
