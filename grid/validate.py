@@ -67,7 +67,7 @@ def validate(ls: LoadedSpec, gpus_available: float | None = None) -> list[Proble
                 add(("datasets", i, "root"), f"dataset root not found: {d.root}")
             elif (d.params or {}).get("download", True) is False and not (d.params or {}).get("cache_dir"):
                 # with downloads off, missing files would only surface in the data stage
-                from defense.data.loaders import dataset_problem
+                from defense.data.files import dataset_problem
 
                 why = dataset_problem(d.name, _resolve(d.root, ls.base_dir))
                 if why:

@@ -21,8 +21,9 @@ import torch
 from PIL import Image
 
 from defense.data import dataset_info, load_dataset
-from defense.data import loaders
-from defense.data.loaders import DatasetMissing, dataset_problem, read_idx
+from defense.data import files, mnist
+from defense.data.files import DatasetMissing, dataset_problem
+from defense.data.mnist import read_idx
 
 RNG = np.random.default_rng(0)
 
@@ -372,13 +373,13 @@ def test_missing_root_is_an_error():
 def test_offline_download_fails_fast(tmp_path, monkeypatch):
     """With download on and the site unreachable (a closed local port), the error comes at
     once and still names the layout; nothing is written."""
-    monkeypatch.setattr(loaders.MNIST_SOURCE, "url", "http://127.0.0.1:9/mnist/")
+    monkeypatch.setattr(mnist.MNIST_SOURCE, "url", "http://127.0.0.1:9/mnist/")
     monkeypatch.delenv("http_proxy", raising=False)
     monkeypatch.delenv("HTTP_PROXY", raising=False)
     t = time.monotonic()
     with pytest.raises(DatasetMissing) as e:
         load_dataset("mnist", tmp_path / "nowhere")
-    assert time.monotonic() - t < loaders.PROBE_TIMEOUT_S + 1
+    assert time.monotonic() - t < files.PROBE_TIMEOUT_S + 1
     assert "unreachable" in str(e.value) and "train-images-idx3-ubyte" in str(e.value)
     assert not (tmp_path / "nowhere").exists()
 

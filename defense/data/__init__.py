@@ -87,4 +87,4 @@ def load_dataset(name: str, root: str | Path | None = None, **params) -> tuple[D
 
 # Registration side effects: importing the package makes every built-in dataset available.
 from defense.data import synthetic as _synthetic  # noqa: E402,F401
-from defense.data import loaders as _loaders  # noqa: E402,F401
+from defense.data import cifar, gtsrb, mnist, tiny_imagenet  # noqa: E402,F401
