@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from grid.plan import Plan, Stage, build_plan
+from grid.plugins import import_plugins
 from grid.spec import STAGE_KINDS, LoadedSpec
 from grid.status import write_state
 from grid.store import ArtifactStore
@@ -274,12 +275,14 @@ def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = Non
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     spec = ls.spec
+    import_plugins(spec.imports, [str(ls.base_dir.resolve())])  # validation reported any failure
     plan = build_plan(ls)
     store = ArtifactStore(artifact_root(ls, out, artifacts))
     t0 = time.time()
     need, cached, corrupt = needed_stages(plan, store, out)
     res = RunResult(plan, out, cached=cached, recomputed_corrupt=corrupt)
     env = {"out": str(out), "grid": plan.grid, "spec_hash": plan.spec_hash,
+           "imports": list(spec.imports), "import_path": [str(ls.base_dir.resolve())],
            "kill_once": os.environ.get("BDGRID_TEST_KILL_ONCE"), "fail": os.environ.get("BDGRID_TEST_FAIL"),
            "kill_always": os.environ.get("BDGRID_TEST_KILL_ALWAYS"), "hang": os.environ.get("BDGRID_TEST_HANG")}
     prog = _Progress(plan, out, len(need), cached, show_progress, console)

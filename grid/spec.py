@@ -126,6 +126,8 @@ class GridSpec(_Strict):
     artifacts: str | None = None  # artifact root URI (default <out>/artifacts)
     include: list[dict[str, Any]] = Field(default_factory=list)
     exclude: list[dict[str, Any]] = Field(default_factory=list)
+    # your own modules registering datasets/models/attacks/defenses (grid.plugins)
+    imports: list[str] = Field(default_factory=list)
 
     @field_validator("datasets", "attacks", "defenses", mode="before")
     @classmethod

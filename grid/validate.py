@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from grid.plugins import import_plugins
 from grid.spec import CELL_AXES, STAGE_KINDS, LoadedSpec, Problem, canon, defense_configs, expand, line_of, read_params_from
 
 # URI schemes pyarrow.fs.FileSystem.from_uri understands (checked by name only: resolving an
@@ -33,6 +34,10 @@ def validate(ls: LoadedSpec, gpus_available: float | None = None) -> list[Proble
 
     def add(path: tuple, msg: str) -> None:
         problems.append(Problem(path, msg, line_of(lines, path)))
+
+    # first: the user's modules register names that the checks below look up
+    for i, msg in import_plugins(s.imports, [str(ls.base_dir)]):
+        add(("imports", i), msg)
 
     def check_entry(reg, name: str, params: dict | None, path: tuple):
         try:
