@@ -20,11 +20,10 @@ def _fail(msg: str, code: int = 2):
 def _load(spec_file: str, gpus: float | None):
     """Parse + validate; on problems print every one (file:line: path: message) and exit 2."""
     from grid.spec import load_spec
-    from grid.validate import validate
+    from grid.validate import every_problem
 
     ls, problems = load_spec(spec_file)
-    if not problems:
-        problems = validate(ls, gpus_available=gpus)
+    problems = every_problem(ls, problems, gpus)
     if problems:
         n = len(problems)
         _fail(f"{n} problem{'s' if n > 1 else ''} in {spec_file}:\n  " + "\n  ".join(p.render(ls.file) for p in problems))

@@ -213,6 +213,7 @@ class LoadedSpec:
     file: str
     base_dir: Path  # relative paths in the spec (params_from, roots) are relative to this
     text: str
+    partial: GridSpec | None = None  # spec is None: what parsed once the wrong values were dropped
 
     @property
     def hash(self) -> str:
@@ -246,8 +247,45 @@ def parse_spec(text: str, file: str = "spec", base_dir: Path | None = None) -> t
     try:
         spec = GridSpec.model_validate(data)
     except ValidationError as e:
-        return LoadedSpec(None, lines, file, base, text), _pydantic_problems(e, lines)
+        ls = LoadedSpec(None, lines, file, base, text)
+        ls.partial = salvage(data)
+        return ls, _pydantic_problems(e, lines)
     return LoadedSpec(spec, lines, file, base, text), []
+
+
+def salvage(data: dict, rounds: int = 50) -> GridSpec | None:
+    """The spec with every structurally wrong value dropped (its default then applies), so that
+    the semantic checks can still run and a user sees every problem in one pass, not the type
+    errors first and the unknown names only after fixing them. None when a required field is
+    wrong or missing. Only for validation: a spec with problems is never run."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for _ in range(rounds):
+        try:
+            return GridSpec.model_validate(data)
+        except ValidationError as e:
+            for err in e.errors():
+                if not _drop(data, tuple(err["loc"]), err["type"] == "missing"):
+                    return None
+    return None
+
+
+def _drop(data: dict, loc: tuple, missing: bool) -> bool:
+    """Delete the deepest mapping key on ``loc``. A list element is never removed alone (that
+    would shift the indices other problems are reported at): the field holding the list goes."""
+    node, last = data, None  # (mapping, key) of the deepest mapping key reached
+    for k in loc[:-1] if missing else loc:  # a missing key is not there to delete: its parent goes
+        if isinstance(node, dict) and k in node:
+            last, node = (node, k), node[k]
+        elif isinstance(node, list) and isinstance(k, int) and 0 <= k < len(node):
+            node = node[k]
+        else:
+            break
+    if last is None or (last[0] is data and last[1] in ("datasets", "archs", "attacks")):
+        return False  # a required field: nothing left to check the rest against
+    del last[0][last[1]]
+    return True
 
 
 # ----------------------------------------------------------------------------- expansion

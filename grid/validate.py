@@ -8,6 +8,8 @@ dataset roots, include/exclude entries, the artifact URI and GPUs.
 """
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,19 @@ from grid.spec import CELL_AXES, STAGE_KINDS, LoadedSpec, Problem, canon, defens
 # URI schemes pyarrow.fs.FileSystem.from_uri understands (checked by name only: resolving an
 # s3:// URI would contact the cloud at validation time).
 URI_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "mock")
+
+
+def every_problem(ls: LoadedSpec, parse_problems: list[Problem], gpus_available: float | None = None) -> list[Problem]:
+    """The parse problems and the semantic ones in one list. When the spec did not parse, the
+    semantic checks run on what did (``ls.partial``: the wrong values dropped), so a user fixes
+    everything in one pass instead of finding the unknown names only after the type errors."""
+    if not parse_problems:
+        return validate(ls, gpus_available)
+    if ls.partial is None:
+        return parse_problems
+    seen = {p.path for p in parse_problems}
+    more = validate(dataclasses.replace(ls, spec=ls.partial), gpus_available)
+    return parse_problems + [p for p in more if p.path not in seen]
 
 
 def validate(ls: LoadedSpec, gpus_available: float | None = None) -> list[Problem]:
@@ -101,11 +116,16 @@ def validate(ls: LoadedSpec, gpus_available: float | None = None) -> list[Proble
     for dc in defense_configs(ls):
         if dc.name not in DEFENSES:
             continue
+        entry = DEFENSES.get(dc.name)
+        d = s.defenses[dc.where[1]]
+        # an unknown sweep key is reported above; leaving it in would hide the range checks
+        known = entry.defaults() if entry.params is not None else {}
+        params = {k: v for k, v in dc.params_dict.items() if k not in d.sweep or k in known}
         try:
-            DEFENSES.get(dc.name).make_params(dc.params_dict)
+            entry.make_params(params)
         except BadParams as ex:
             for m in ex.problems:
-                path = _param_path(dc.where, m, dc.params_dict)
+                path = _param_path(dc.where, m, params, set(d.sweep))
                 if (path, m) not in seen_problem:
                     seen_problem.add((path, m))
                     add(path, m)
@@ -241,9 +261,10 @@ def _dups(add, axis: str, values: list) -> None:
             first[v] = i
 
 
-def _param_path(path: tuple, msg: str, params: dict) -> tuple:
-    """Point a parameter problem at the line of that parameter when we can tell which it is."""
+def _param_path(path: tuple, msg: str, params: dict, swept: set = frozenset()) -> tuple:
+    """Point a parameter problem at the line of that parameter (under ``sweep`` when it is swept)
+    when the message names it: quoted ('lr') or leading ("n must be in [0, 1]")."""
     for k in params:
-        if f"'{k}'" in msg:
-            return path + ("params", k)
+        if f"'{k}'" in msg or re.match(rf"(\w+: )?{re.escape(k)}\b", msg):
+            return path + (("sweep" if k in swept else "params"), k)
     return path + ("params",) if params else path

@@ -9,9 +9,9 @@ import yaml
 from typer.testing import CliRunner
 
 from grid.plan import build_plan
-from grid.spec import expand, parse_spec
+from grid.spec import expand, parse_spec, path_str
 from grid.store import ArtifactStore, CorruptArtifact
-from grid.validate import validate
+from grid.validate import every_problem, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,16 +43,18 @@ def _needs_root_dataset() -> str:
 
 def problems_of(text: str, gpus: float | None = 0, base_dir: Path | None = None):
     ls, probs = parse_spec(text, "spec.yaml", base_dir)
-    if not probs:
-        probs = validate(ls, gpus_available=gpus)
-    return probs
+    return every_problem(ls, probs, gpus)  # what `bdgrid validate` / `run` report
 
 
-def edit(line_prefix: str, new: str) -> str:
-    lines = BASE.splitlines()
+def edit_text(text: str, line_prefix: str, new: str) -> str:
+    lines = text.splitlines()
     i = next(i for i, ln in enumerate(lines) if ln.startswith(line_prefix))
     lines[i:i + 1] = new.splitlines()
     return "\n".join(lines) + "\n"
+
+
+def edit(line_prefix: str, new: str) -> str:
+    return edit_text(BASE, line_prefix, new)
 
 
 # (id, spec text, substring the message must hold, 1-based line it must point at)
@@ -139,6 +141,27 @@ def test_validate_cli_exits_2_without_traceback(tmp_path):
     r = CliRunner().invoke(app, ["validate", str(good), "--gpus", "0"])
     assert r.exit_code == 0, r.output
     assert "2 cells" in r.output
+
+
+def test_every_problem_in_one_pass_type_errors_do_not_hide_the_rest():
+    """Type errors (pydantic) and unknown names / ranges (semantic) of one spec come out
+    together, each at its own line, and a swept value out of range points at the sweep."""
+    text = BASE.replace("seeds: [0]", 'seeds: ["zero"]').replace("archs: [tiny_cnn]", "archs: [tiny_cnn, resnet18]")
+    text = text.replace("attacks: [badnets, blended]", "attacks: [badnet, {name: blended, params: {alpa: 0.2}}]")
+    text = text.replace("pratios: [0.1]", "pratios: [0.1, 1.5]")
+    text = edit_text(text, "defenses", "defenses:\n  - name: tsbd\n    lable: x\n    params: {n: 1.5}\n"
+                                       "    sweep: {m: [0.5, 2.0], nn: [0.1]}\nretries: -1")
+    got = {(path_str(p.path), p.line) for p in problems_of(text)}
+    lines = text.splitlines()
+    at = lambda s: next(i + 1 for i, ln in enumerate(lines) if s in ln)
+    want = {("seeds[0]", at("seeds:")), ("retries", at("retries:")), ("defenses[0].lable", at("lable:")),
+            ("archs[1]", at("archs:")), ("attacks[0].name", at("attacks:")), ("attacks[1].params.alpa", at("attacks:")),
+            ("pratios[1]", at("pratios:")), ("defenses[0].sweep.nn", at("sweep:")),
+            ("defenses[0].params.n", at("params: {n: 1.5}")), ("defenses[0].sweep.m", at("sweep:"))}
+    assert want <= got, sorted(want - got)
+    # a required field that is wrong leaves nothing to check the rest against: parse problems only
+    only = problems_of(BASE.replace("archs: [tiny_cnn]", "archs: 3"))
+    assert [path_str(p.path) for p in only] == ["archs"]
 
 
 def test_params_from_and_sweep(tmp_path):
