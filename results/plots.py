@@ -3,8 +3,9 @@
 * ``acc-asr``: clean accuracy against attack success rate, one colour per defense, one marker
   per attack, mean over seeds with ± std error bars; the good corner is bottom right.
 * ``tsbd-n``: TSBD ACC and ASR against the neuron ratio n (TSBD.md Stage 1c), one panel per
-  attack, mean ± std band over seeds. n is read from the defense's ``params`` JSON (key
-  ``n``), or from an ``n`` column.
+  attack, mean ± std band over seeds. TSBD rows are found by method name (``defense_name``,
+  else ``defense``), so the points of a sweep (labelled ``tsbd(n=0.1)``, ...) all count. n is
+  read from the defense's ``params`` JSON (key ``n``), or from an ``n`` column.
 * ``curves``: per-epoch values from the ``curves`` table, one row of panels per phase
   (attack training, unlearning, fine-tuning), one panel per metric, one line per
   (attack, defense), mean over seeds.
@@ -20,7 +21,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from results.tables import DISPLAY, _order, norm, select
+from results.tables import DISPLAY, _order, method_names, norm, select
 
 KINDS = ("acc-asr", "tsbd-n", "curves")
 ONE_COL, TWO_COL = 3.5, 7.0  # inches: NeurIPS/ICML column and text widths
@@ -107,7 +108,8 @@ def tsbd_n(df: pd.DataFrame, dest: Path, filters: dict | None = None, split: str
     plt = _plt()
     sel = select(df, filters, split)
     if not sel.empty:
-        sel = sel[sel["defense"].map(norm) == norm(defense)]
+        # by method name: the rows of a sweep are labelled 'tsbd(n=0.1)', 'tsbd(n=0.3)', ...
+        sel = sel[method_names(sel).map(norm) == norm(defense)]
     if sel.empty:
         raise NothingToPlot(f"no '{defense}' rows to plot against {key}")
     sel = sel.assign(n=_neuron_ratio(sel, key)).dropna(subset=["n"])

@@ -114,22 +114,49 @@ def _matches(series: pd.Series, allowed: list[str]) -> pd.Series:
     return hit.fillna(False).astype(bool)
 
 
+def method_names(df: pd.DataFrame) -> pd.Series:
+    """The defense method of each row. A swept defense stores its label in ``defense``
+    ('tsbd(n=0.1)') and the method in ``defense_name`` (from ``extra``); rows written without
+    ``defense_name`` (hand-written, older runs) only have ``defense``, which is then the method."""
+    label = df["defense"] if "defense" in df.columns else pd.Series(None, index=df.index, dtype="object")
+    if "defense_name" not in df.columns:
+        return label
+    return df["defense_name"].where(df["defense_name"].notna(), label)
+
+
+def _filter_columns(df: pd.DataFrame) -> list[str]:
+    """Columns a filter may name: defense_name is listed even where no row has it, since
+    ``method_names`` falls back to the defense column."""
+    cols = [str(c) for c in df.columns]
+    return cols + ["defense_name"] if "defense_name" not in cols else cols
+
+
+def _filter_hits(df: pd.DataFrame, col: str, allowed: list[str]) -> pd.Series:
+    head, _, sub = col.partition(".")
+    if sub and head in ("params", "attack_params", "extra") and head in df.columns and col not in df.columns:
+        # params.n=0.1: a key inside the JSON column (the defense's neuron ratio, say)
+        vals = df[head].map(lambda s: json.loads(s).get(sub) if isinstance(s, str) and s.startswith("{") else None)
+        return _matches(vals, allowed)
+    if col == "defense_name":
+        return _matches(method_names(df), allowed)
+    if col not in df.columns:
+        raise ValueError(f"cannot filter on '{col}': no such column; columns: {', '.join(_filter_columns(df))}")
+    if col == "defense":
+        # defense=tsbd selects every point of a tsbd sweep (by method name), defense=tsbd(n=0.1)
+        # one of them (by label): users name the method they ran, not the labels the grid made.
+        return _matches(df[col], allowed) | _matches(method_names(df), allowed)
+    return _matches(df[col], allowed)
+
+
 def select(df: pd.DataFrame, filters: dict[str, list[str]] | None = None, split: str | None = "test") -> pd.DataFrame:
-    """Rows of one split (rows without a split count as 'test') that pass every filter."""
+    """Rows of one split (rows without a split count as 'test') that pass every filter.
+    ``defense=X`` matches a row's label or its method name (see ``method_names``)."""
     if df.empty:
         return df
     if split is not None and "split" in df.columns:
         df = df[df["split"].fillna("test").astype(str) == split]
     for col, allowed in (filters or {}).items():
-        head, _, sub = col.partition(".")
-        if sub and head in ("params", "attack_params", "extra") and head in df.columns and col not in df.columns:
-            # params.n=0.1: a key inside the JSON column (the defense's neuron ratio, say)
-            vals = df[head].map(lambda s: json.loads(s).get(sub) if isinstance(s, str) and s.startswith("{") else None)
-            df = df[_matches(vals, allowed)]
-            continue
-        if col not in df.columns:
-            raise ValueError(f"cannot filter on '{col}': no such column; columns: {', '.join(map(str, df.columns))}")
-        df = df[_matches(df[col], allowed)]
+        df = df[_filter_hits(df, col, allowed)]
     return df
 
 

@@ -95,3 +95,45 @@ def test_plot_says_when_there_is_nothing_to_draw(run_dir, tmp_path):
     assert r.exit_code == 1 and "no 'tsbd' rows" in r.output
     r = runner.invoke(app, ["plot", "--out", str(run_dir), "--kind", "pie"])
     assert r.exit_code == 2 and "unknown plot kind" in r.output
+
+
+@pytest.fixture()
+def sweep_dir(tmp_path):
+    """Rows as a grid writes a swept TSBD: the label in ``defense``, the method in ``defense_name``
+    (kept in ``extra``); plus a no-defense row."""
+    d = tmp_path / "sweep"
+    results.write_stage(d, "eval", "none", [dict(BASE, attack="badnets", defense="none", defense_name="none", seed=0,
+                                                 acc=0.93, asr=0.98)])
+    for n in (0.1, 0.3):
+        results.write_stage(d, "eval", f"tsbd-{n}", [dict(BASE, attack="badnets", defense=f"tsbd(n={n})",
+                                                          defense_name="tsbd", seed=0, params={"n": n, "m": 0.7},
+                                                          acc=0.92 - 0.1 * n, asr=0.6 - n)])
+    return d
+
+
+def test_plot_tsbd_n_on_sweep_rows(sweep_dir, tmp_path, monkeypatch):
+    import results.plots as plots
+
+    drawn = {}
+    save = plots._save
+
+    def spy(fig, dest, name):  # the n values on the x axis, read before the figure is closed
+        drawn[name] = sorted({float(x) for ax in fig.axes for line in ax.get_lines() for x in line.get_xdata()})
+        return save(fig, dest, name)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    r = runner.invoke(app, ["plot", "--out", str(sweep_dir), "--kind", "tsbd-n", "--dest", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "tsbd-n.png").stat().st_size > 1000
+    assert drawn["tsbd-n"] == [0.1, 0.3]
+
+
+def test_table_filter_defense_by_method_name(sweep_dir):
+    r = runner.invoke(app, ["table", "--out", str(sweep_dir), "--filter", "defense=tsbd", "--metrics", "acc"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines()[0] == "| Attack | tsbd(n=0.1) ACC | tsbd(n=0.3) ACC |"  # both points, not 'none'
+    r = runner.invoke(app, ["table", "--out", str(sweep_dir), "--filter", "defense=tsbd(n=0.1)", "--metrics", "acc"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines()[0] == "| Attack | tsbd(n=0.1) ACC |"
+    r = runner.invoke(app, ["table", "--out", str(sweep_dir), "--filter", "nope=1"])
+    assert r.exit_code == 2 and "defense_name" in r.output

@@ -96,6 +96,22 @@ def test_split_and_filters_select_rows(fixture):
         pivot(df, metrics=("accuracy",))
 
 
+def test_filter_defense_matches_label_or_method_name():
+    from results.tables import select
+
+    # a swept tsbd (label + defense_name), and hand-written rows without defense_name (label only)
+    df = pd.DataFrame({"defense": ["tsbd(n=0.1)", "tsbd(n=0.3)", "tsbd", "ft"],
+                       "defense_name": ["tsbd", "tsbd", None, None], "split": "test"})
+    assert list(select(df, {"defense": ["tsbd"]})["defense"]) == ["tsbd(n=0.1)", "tsbd(n=0.3)", "tsbd"]
+    assert list(select(df, {"defense": ["tsbd(n=0.3)"]})["defense"]) == ["tsbd(n=0.3)"]
+    assert list(select(df, {"defense_name": ["tsbd"]})["defense"]) == ["tsbd(n=0.1)", "tsbd(n=0.3)", "tsbd"]
+    # without any defense_name column, defense_name falls back to the label, and is a valid column
+    plain = df.drop(columns="defense_name")
+    assert list(select(plain, {"defense_name": ["ft"]})["defense"]) == ["ft"]
+    with pytest.raises(ValueError, match="no such column.*defense_name"):
+        select(plain, {"nope": ["x"]})
+
+
 def test_rows_and_cols_are_configurable(fixture):
     p = pivot(results.load(fixture), metrics=("ra",), rows="defense", cols="attack",
               filters={"dataset": ["synthetic"]})
