@@ -93,6 +93,23 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
+def device_problem(device: str | None) -> str | None:
+    """Why ``device`` cannot be used here, or None: checked before any compute, so that a
+    machine without a working GPU gets one clear line, not a CUDA traceback mid-run."""
+    if device in (None, "auto"):
+        return None
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        return f"device '{device}' is not a torch device ({e}); valid: cpu, cuda, cuda:N, auto"
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"device '{device}': torch sees no usable GPU here (torch.cuda.is_available() is False); use cpu or auto"
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            return f"device '{device}': only {torch.cuda.device_count()} GPU(s) here"
+    return None
+
+
 def seed_everything(seed: int) -> torch.Generator:
     torch.manual_seed(seed)
     if torch.cuda.is_available():

@@ -44,7 +44,7 @@ def parse_params(items: list[str] | None) -> dict:
 
 @app.command()
 def trial(
-    dataset: str = typer.Option("synthetic", help="Dataset name (see `bdgrid datasets`)."),
+    dataset: str = typer.Option("synthetic", help="Dataset name: synthetic (generated), cifar10, cifar100, gtsrb, tiny-imagenet, mnist, or your own."),
     arch: str = typer.Option("tiny_cnn", help="Model architecture: preact_resnet18, vgg19_bn, vit, tiny_cnn."),
     attack: str = typer.Option("badnets", help="Attack name (see `bdgrid attacks list`)."),
     pratio: float = typer.Option(0.1, help="Poisoning rate, a fraction of the training set, in (0, 1)."),
@@ -99,7 +99,7 @@ def check_trial(cfg) -> list[str]:
     from defense.methods import DEFENSES
     from defense.models import MODELS
     from defense.registry import BadParams, UnknownName
-    from defense.train import RECIPES
+    from defense.train import RECIPES, device_problem
 
     problems = []
     for reg, name, params in [(DATASETS, cfg.dataset, cfg.dataset_params), (MODELS, cfg.arch, None),
@@ -116,6 +116,9 @@ def check_trial(cfg) -> list[str]:
         problems.append(f"unknown recipe '{cfg.recipe}'; valid: {', '.join(RECIPES)}")
     if not 0 < cfg.pratio < 1:
         problems.append(f"pratio must be in (0, 1), got {cfg.pratio}")
+    bad_device = device_problem(cfg.device)
+    if bad_device:
+        problems.append(bad_device)
     return problems
 
 

@@ -97,10 +97,24 @@ def test_trial_cli_json_reports_fractions_reproducibly():
 
 
 def test_trial_cli_rejects_bad_names_without_traceback():
-    cmd = [sys.executable, "-m", "grid.cli", "trial", "--attack", "badnet", "--arch", "resnet", "--pratio", "1.5"]
+    cmd = [sys.executable, "-m", "grid.cli", "trial", "--attack", "badnet", "--arch", "resnet", "--pratio", "1.5",
+           "--device", "gpu0"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "did you mean 'badnets'" in out.stderr
     assert "unknown model 'resnet'" in out.stderr
     assert "pratio must be in (0, 1)" in out.stderr
+    assert "'gpu0' is not a torch device" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_gpu_device_without_a_gpu_is_a_clear_problem():
+    import torch
+
+    from defense.train import device_problem
+
+    assert device_problem("auto") is None and device_problem("cpu") is None
+    if torch.cuda.is_available():
+        assert device_problem(f"cuda:{torch.cuda.device_count()}") is not None  # one past the last GPU
+    else:
+        assert "no usable GPU" in device_problem("cuda")
