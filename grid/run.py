@@ -13,6 +13,9 @@
   ``<out>/failures/<kind>-<key>.txt``, its descendants skipped, and the rest of the grid goes on.
   A stage attempt running longer than ``timeout`` seconds (counted from when it left Ray's queue)
   is cancelled and counts as a failure.
+- What defenses say: the warnings a prepare/defense stage raised in its worker are printed once
+  each, prefixed with the stage's label, on the run's console and appended to
+  ``<out>/warnings.log``; its ``ctx.log`` lines go to ``<out>/logs/<kind>-<key>.log``.
 - Progress: a rich bar (done/running/queued/failed, ETA; a task counts as running once a zero-CPU
   actor hears from it, queued before) and ``<out>/state.json`` for ``bdgrid status``.
 """
@@ -200,6 +203,24 @@ def _start_log():
 
 # ----------------------------------------------------------------------------- the loop
 
+def report_said(out: Path, stage: Stage, output, console) -> None:
+    """Print a stage's warnings (see ``stages._Capture``) and keep them, with its ctx.log lines,
+    under ``out``: in a Ray worker they would otherwise reach only the worker's log files."""
+    from rich.markup import escape
+
+    if not isinstance(output, dict):
+        return
+    said = output.get("warnings") or []
+    for msg in said:
+        console.print(f"[yellow]warning[/] {escape(stage.label)}: {escape(msg)}", highlight=False, soft_wrap=True)
+    if said:
+        with open(out / "warnings.log", "a") as f:
+            f.writelines(f"{stage.label}: {msg}\n" for msg in said)
+    if output.get("log"):
+        (out / "logs").mkdir(exist_ok=True)
+        (out / "logs" / f"{stage.kind}-{stage.key}.log").write_text("".join(f"{ln}\n" for ln in output["log"]))
+
+
 class _Progress:
     """Live rich bar + the on-disk state, from the same counts."""
 
@@ -286,6 +307,10 @@ def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = Non
            "kill_once": os.environ.get("BDGRID_TEST_KILL_ONCE"), "fail": os.environ.get("BDGRID_TEST_FAIL"),
            "kill_always": os.environ.get("BDGRID_TEST_KILL_ALWAYS"), "hang": os.environ.get("BDGRID_TEST_HANG")}
     prog = _Progress(plan, out, len(need), cached, show_progress, console)
+    if console is None:  # the bar's own console when it has one, so warnings print above it
+        from rich.console import Console
+
+        console = prog.bar.console if prog.bar is not None else Console(stderr=True)
     for k in plan.stages:
         if k not in need and k not in cached:
             prog.status[k] = "cached"  # not needed: nothing below it is missing (e.g. an unused data stage)
@@ -373,6 +398,7 @@ def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = Non
                     continue
                 finished.add(key)
                 res.done.add(key)
+                report_said(out, s, output, console)
                 (out / "failures" / f"{s.kind}-{key}.txt").unlink(missing_ok=True)
                 if s.kind == "data":
                     data_refs[key] = ref

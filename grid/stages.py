@@ -11,10 +11,16 @@ What each stage stores (``grid.store``, torch.save / weights_only loads):
 - ``attack``: the backdoored model's weights, poison indices, the backdoor test set (images,
   source indices, true labels), its training history and its before-defense metrics on both
   the reported test split and the validation split.
-- ``prepare``: the defense's shared preparation (TSBD Stages 1a/1b).
-- ``defense``: the purified weights, diagnostics and curves.
+- ``prepare``: the defense's shared preparation (TSBD Stages 1a/1b) and the warnings it raised.
+- ``defense``: the purified weights, diagnostics, curves, and the warnings it (and its prepare) raised.
 - ``eval``: nothing in the store; it returns its result rows (one per split) and curves, which
-  the driver writes with ``results.write_stage``; their presence marks the stage done.
+  the driver writes with ``results.write_stage``; their presence marks the stage done. A
+  defended row's ``extra`` JSON carries the defense's ``diagnostics`` (slimmed, see
+  ``row_diagnostics``) and its ``warnings``.
+
+``prepare`` and ``defense`` also return ``{"warnings": [...], "log": [...]}``: what the defense
+raised with ``warnings.warn`` and what it said through ``ctx.log``. In a Ray worker both would
+otherwise end in the worker's log files only; the driver reports them (``grid.run``).
 
 Every executed stage appends one line to ``<out>/executed.log`` on the node that ran it (kind,
 key, pid, seconds, node): the tests count recomputation with it.
@@ -117,6 +123,60 @@ def _test_faults(stage: Stage, env: dict) -> None:
         os._exit(17)
 
 
+class _Capture:
+    """Records what a defense says while it runs: ``warnings.warn`` calls and ``ctx.log`` lines.
+
+    In a Ray worker neither reaches the user (stderr goes to the worker's log file, and the
+    default ``ctx.log`` drops its message), so the stage returns them for the driver to print.
+    """
+
+    MAX_LOG = 500  # ctx.log lines kept per stage: per-epoch lines of a 1000-epoch run stay bounded
+
+    def __init__(self):
+        self.warnings: list[str] = []
+        self.lines: list[str] = []
+
+    def log(self, msg) -> None:
+        if len(self.lines) < self.MAX_LOG:
+            self.lines.append(str(msg))
+
+    def __enter__(self):
+        self._cm = warnings.catch_warnings(record=True)
+        self._rec = self._cm.__enter__()
+        warnings.simplefilter("always")  # "default" would hide a repeat already shown in this worker
+        return self
+
+    def __exit__(self, *exc):
+        self._cm.__exit__(*exc)
+        for w in self._rec:  # each distinct message once, in order
+            msg = str(w.message)
+            if msg not in self.warnings:
+                self.warnings.append(msg)
+        return False
+
+    def output(self) -> dict:
+        return {"warnings": list(self.warnings), "log": list(self.lines)}
+
+
+# keys of a defense's diagnostics left out of the result rows: per-neuron scores (ANP/RNP
+# mask_scores: one number per BN neuron) would make every row kilobytes; they stay in the
+# defense artifact. Curves are in the curves table already.
+_ROW_DROP_KEYS = ("mask_scores",)
+_ROW_MAX_LIST = 50
+
+
+def row_diagnostics(diag):
+    """A defense's diagnostics as they go into a result row: JSON-able, without per-neuron
+    lists (any list longer than ``_ROW_MAX_LIST``, keys in ``_ROW_DROP_KEYS``, ``*_curve``)."""
+    if isinstance(diag, dict):
+        return {k: row_diagnostics(v) for k, v in diag.items()
+                if k not in _ROW_DROP_KEYS and not str(k).endswith("curve")
+                and not (isinstance(v, (list, tuple)) and len(v) > _ROW_MAX_LIST)}
+    if isinstance(diag, (list, tuple)):
+        return [row_diagnostics(v) for v in diag]
+    return diag
+
+
 # ----------------------------------------------------------------------------- stages
 
 def run_data(stage: Stage, env: dict) -> dict:
@@ -198,10 +258,14 @@ def run_prepare(stage: Stage, data: dict, store: ArtifactStore, env: dict) -> di
     atk = store.get("attack", stage.parents[1])
     entry = DEFENSES.get(stage.config["defense"])
     model = _model(stage.info["arch"], train.info, atk["state"]).to(dev)
-    ctx = DefenseContext(device=dev, seed=stage.config["seed"], target=stage.info.get("target"))
-    prepared = entry.meta["prepare"](model, _clean(train, stage.config).to(dev), entry.make_params(stage.run["params"]), ctx)
-    store.put("prepare", stage.key, {"prepared": prepared})
-    return {}
+    with _Capture() as cap:
+        ctx = DefenseContext(device=dev, seed=stage.config["seed"], target=stage.info.get("target"), log=cap.log)
+        prepared = entry.meta["prepare"](model, _clean(train, stage.config).to(dev),
+                                         entry.make_params(stage.run["params"]), ctx)
+    # stored with it: every defense stage that uses this prepare (now or on a later resume)
+    # carries these warnings into its rows
+    store.put("prepare", stage.key, {"prepared": prepared, "warnings": cap.warnings})
+    return cap.output()
 
 
 def run_defense_stage(stage: Stage, data: dict, store: ArtifactStore, env: dict) -> dict:
@@ -212,14 +276,19 @@ def run_defense_stage(stage: Stage, data: dict, store: ArtifactStore, env: dict)
     t0 = time.perf_counter()
     train, _ = _data_from(data)
     atk = store.get("attack", stage.parents[1])
-    prepared = store.get("prepare", stage.parents[2])["prepared"] if len(stage.parents) > 2 else None
+    prep = store.get("prepare", stage.parents[2]) if len(stage.parents) > 2 else {}
     model = _model(stage.info["arch"], train.info, atk["state"]).to(dev)
-    ctx = DefenseContext(device=dev, seed=c["seed"], target=stage.info.get("target"), prepared=prepared)
-    res = run_defense(c["defense"], model, _clean(train, c).to(dev), c["params"], ctx)
+    with _Capture() as cap:
+        ctx = DefenseContext(device=dev, seed=c["seed"], target=stage.info.get("target"),
+                             prepared=prep.get("prepared"), log=cap.log)
+        res = run_defense(c["defense"], model, _clean(train, c).to(dev), c["params"], ctx)
     wall = time.perf_counter() - t0
+    # the prepare's warnings first (its stage reported them already; the rows need them too)
+    warned = list(dict.fromkeys([*prep.get("warnings", []), *cap.warnings]))
     store.put("defense", stage.key, {"state": _state(res.model), "diagnostics": json.dumps(res.diagnostics, default=str),
-                                     "curves": json.dumps(res.curves, default=str), "wall_s": wall, "device": dev})
-    return {}
+                                     "curves": json.dumps(res.curves, default=str), "wall_s": wall, "device": dev,
+                                     "warnings": json.dumps(warned)})
+    return cap.output()
 
 
 def _curve_rows(ident: dict, rows: list[dict], phase_default: str) -> list[dict]:
@@ -232,6 +301,13 @@ def _curve_rows(ident: dict, rows: list[dict], phase_default: str) -> list[dict]
                 continue
             out.append({**ident, "phase": phase, "epoch": int(epoch), "metric": k, "value": float(v)})
     return out
+
+
+def _defense_extra(src: dict) -> dict:
+    """The defense artifact's diagnostics and warnings, for the rows' ``extra`` JSON (artifacts
+    written before warnings were stored have none)."""
+    return {"diagnostics": row_diagnostics(json.loads(src.get("diagnostics") or "{}")),
+            "warnings": json.loads(src.get("warnings") or "[]")}
 
 
 def run_eval(stage: Stage, data: dict, store: ArtifactStore, env: dict) -> dict:
@@ -251,12 +327,14 @@ def run_eval(stage: Stage, data: dict, store: ArtifactStore, env: dict) -> dict:
     ident = {k: v for k, v in stage.info.items() if k != "defense_name"}
     base = {**ident, "grid": env.get("grid"), "spec_hash": env.get("spec_hash"), "device": src.get("device", dev),
             "wall_s": float(src.get("wall_s", 0.0)), "defense_name": stage.info.get("defense_name", "none")}
+    # result rows only: the curves rows share ``base`` and would repeat it on every epoch
+    said = _defense_extra(src) if defended else {}
     rows = []
     for split, idx in (("test", test_idx), ("val", val_idx)):
         before = atk["metrics"][split]
         after = (_split_metrics(model, test, atk["bd_x"], atk["bd_idx"], atk["bd_true"], idx, ident["target"], dev)
                  if defended else before)
-        rows.append({**base, "split": split, **after, "der": der(before["acc"], before["asr"], after["acc"], after["asr"]),
+        rows.append({**base, **said, "split": split, **after, "der": der(before["acc"], before["asr"], after["acc"], after["asr"]),
                      "bd_acc": before["acc"], "bd_asr": before["asr"], "bd_ra": before["ra"],
                      "started_at": t0, "ended_at": time.time()})
     curves = (_curve_rows(base, json.loads(src["curves"]), "defense") if defended
