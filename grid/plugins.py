@@ -26,3 +26,11 @@ def import_plugins(modules: list[str], search: list[str] = ()) -> list[tuple[int
             where = f"; searched the spec's folder {list(search)} and sys.path" if isinstance(e, ModuleNotFoundError) else ""
             problems.append((i, f"cannot import '{name}': {type(e).__name__}: {e}{where}"))
     return problems
+
+
+def require_plugins(modules: list[str], search: list[str] = ()) -> None:
+    """``import_plugins`` where the spec was already checked: a failure here (a worker that
+    cannot import what the driver could) raises, with every cause."""
+    failed = import_plugins(modules, search)
+    if failed:
+        raise ImportError("; ".join(m for _, m in failed))

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from grid.plan import Stage
-from grid.plugins import import_plugins
+from grid.plugins import require_plugins
 from grid.store import ArtifactStore
 
 
@@ -359,9 +359,8 @@ RUNNERS = {"resource": run_resource, "attack": run_attack, "prepare": run_prepar
 
 def execute(stage: Stage, data: Any, store: ArtifactStore, env: dict) -> Any:
     """Run one stage (in a Ray worker or in-process); ``data`` is the data stage's output."""
-    failed = import_plugins(env.get("imports", []), env.get("import_path", []))
-    if failed:  # validation imported them in the driver; a worker that cannot is misconfigured
-        raise ImportError("; ".join(m for _, m in failed))
+    # validation imported them in the driver; a worker that cannot is misconfigured
+    require_plugins(env.get("imports", []), env.get("import_path", []))
     _test_faults(stage, env)
     t0 = time.perf_counter()
     out = run_data(stage, env) if stage.kind == "data" else RUNNERS[stage.kind](stage, data, store, env)

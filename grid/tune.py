@@ -28,12 +28,12 @@ This module is the driver; beside it: ``tune_tasks`` (what a trial may read, the
 functions), ``tune_study`` (storage, sampler, resume), ``tune_best`` (choosing, best.yaml),
 ``tune_spec`` (the spec), ``tune_grid`` (models from a grid's artifact store).
 
-Sources: Optuna ask/tell interface (optuna.readthedocs.io, "Ask-and-Tell Interface"), Ray tasks and ``ray.wait`` (docs.ray.io, "Tasks", "Pattern: using ray.wait to limit pending tasks").
+Sources: Optuna ask/tell interface (optuna.readthedocs.io, "Ask-and-Tell Interface"), Ray tasks
+and ``ray.wait`` (docs.ray.io, "Tasks", "Pattern: using ray.wait to limit pending tasks").
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import os
@@ -43,6 +43,8 @@ from typing import Any, Callable
 
 import torch
 
+import results
+from grid.plugins import require_plugins
 from grid.tune_best import write_best
 from grid.tune_spec import Cell, TuneSpec, distribution
 from grid.tune_study import HEARTBEAT_ATTR, OWNER_ATTR, counts, open_study, owner_id, recover
@@ -171,8 +173,7 @@ def run_study(spec: TuneSpec, address: str | None = None, log_fn: Callable[[str]
     from defense.methods import DEFENSES
     from optuna.trial import TrialState
 
-    for m in spec.imports:
-        importlib.import_module(m)
+    require_plugins(spec.imports)
     out = spec.out_dir()
     out.mkdir(parents=True, exist_ok=True)
     study = open_study(spec)
@@ -259,12 +260,6 @@ def _row(spec: TuneSpec, cell: Cell, params: dict, metrics: dict, split: str, st
             "tuned_on": ",".join(sorted({c.attack for c in spec.cells()})), **metrics}
 
 
-def write_rows(out: Path, stage: str, key: str, rows: list[dict], table: str) -> None:
-    import results
-
-    results.write_stage(out, stage, key, rows, table=table)
-
-
 def write_trial_rows(spec: TuneSpec, trial, values: list[float], cells: list[Cell], per_cell: dict) -> None:
     """One Parquet row per (trial, cell) in table "trials", split "val"."""
     params = {**spec.params, **trial.params}
@@ -272,8 +267,8 @@ def write_trial_rows(spec: TuneSpec, trial, values: list[float], cells: list[Cel
         row = _row(spec, cell, params, per_cell[cell.key()], "val", "tune-trial")
         row.update({"study": spec.study, "trial": trial.number, "cell": cell.label(),
                     "values": dict(zip(spec.objectives, [float(v) for v in values]))})
-        write_rows(spec.out_dir(), "tune-trial", f"{_study_key(spec)}-{trial.number:05d}-{cell.key()[:8]}",
-                   [row], table="trials")
+        results.write_stage(spec.out_dir(), "tune-trial", f"{_study_key(spec)}-{trial.number:05d}-{cell.key()[:8]}",
+                            [row], table="trials")
 
 
 def _study_key(spec: TuneSpec) -> str:
@@ -290,8 +285,7 @@ def evaluate_on_test(spec: TuneSpec, params_sets: dict[str, dict], which=("tune_
 
     from defense.methods import DEFENSES
 
-    for m in spec.imports:
-        importlib.import_module(m)
+    require_plugins(spec.imports)
     init_ray(address)
     cells = [c for w in which for c in spec.cells(w)]
     states = ensure_models(spec, cells)
@@ -317,7 +311,7 @@ def evaluate_on_test(spec: TuneSpec, params_sets: dict[str, dict], which=("tune_
         row.update({"params_set": name, "cell": c.label(),
                     "tuned": c.label() in spec.tuned_on()})
         key = f"{_study_key(spec)}-{name}-{c.key()[:8]}"
-        write_rows(spec.out_dir(), f"tune-final-{name}", key, [row], table="results")
+        results.write_stage(spec.out_dir(), f"tune-final-{name}", key, [row], table="results")
         rows.append(row)
     prepared.save_ready()
     return rows

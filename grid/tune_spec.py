@@ -24,7 +24,6 @@ Example (``examples/tune-quickstart.yaml``)::
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -238,12 +237,10 @@ def check_spec(spec: TuneSpec, where: str = "spec") -> list[str]:
     """Every semantic problem of a parsed spec, each with its location."""
     from defense.registry import BadParams, UnknownName, did_you_mean
 
-    problems: list[str] = []
-    for i, mod in enumerate(spec.imports):
-        try:
-            importlib.import_module(mod)
-        except Exception as e:  # report, do not crash: the user sees every problem at once
-            problems.append(f"{where}: imports[{i}]: cannot import '{mod}': {e}")
+    from grid.plugins import import_plugins
+
+    # reported, not raised: the user sees every problem at once
+    problems: list[str] = [f"{where}: imports[{i}]: {msg}" for i, msg in import_plugins(spec.imports)]
 
     from defense.attacks import ATTACKS
     from defense.data import DATASETS

@@ -8,7 +8,6 @@ reported test split; only ``grid.tune.evaluate_on_test`` calls it, after tuning.
 from __future__ import annotations
 
 import copy
-import importlib
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -77,8 +76,9 @@ def build_inputs(cell: Cell, state: dict) -> TuneInputs:
 
 def _setup_worker(imports: list[str], threads: float) -> None:
     """In a Ray worker: register the spec's extra modules, use as many torch threads as CPUs asked."""
-    for m in imports:
-        importlib.import_module(m)
+    from grid.plugins import require_plugins
+
+    require_plugins(imports)
     torch.set_num_threads(max(1, int(threads)))
 
 
