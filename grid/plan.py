@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from grid.spec import STAGE_KINDS, LoadedSpec, canon, expand
 
-CODE_VERSION = {"data": 1, "resource": 1, "attack": 1, "prepare": 1, "defense": 1, "eval": 1}
+CODE_VERSION = {"data": 1, "resource": 1, "attack": 1, "prepare": 2, "defense": 2, "eval": 1}
 
 
 @dataclass

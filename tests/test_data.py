@@ -120,6 +120,22 @@ def test_defender_subset_is_five_percent_and_seeded():
         defender_subset(data, 0.0)
 
 
+def test_defender_subset_truncates_and_keeps_random_order_on_class_sorted_data():
+    # the reference: random.sample(range(n), int(n * ratio)) -> 71 of 1,437, not round()'s 72
+    assert len(defender_subset(toy(1437), 0.05, seed=0)[0]) == 71
+    # GTSRB / Tiny-ImageNet are loaded class by class; TSBD walks Dc in order without shuffling,
+    # so a sorted subset would give batches of a few classes. 43 classes x 200 images, sorted:
+    y = torch.arange(43).repeat_interleave(200)
+    data = Data(torch.zeros(len(y), 1, 2, 2, dtype=torch.uint8), y, dataset_info("synthetic"))
+    sub, idx = defender_subset(data, 0.05, seed=0)
+    assert not torch.equal(idx, idx.sort().values)
+    classes_per_batch = [len(sub.y[i:i + 256].unique()) for i in range(0, len(sub), 256)]
+    # 430 images in two batches (256 + 174) drawn uniformly from 43 classes: a batch of 174
+    # misses a given class with probability (42/43)^174 ~ 1.7%, so it holds ~42 classes.
+    # A sorted subset would hold 26 and 18 classes.
+    assert min(classes_per_batch) >= 38, classes_per_batch
+
+
 def test_val_test_split_disjoint_and_covering():
     val, test = val_test_indices(2000, 0.2, seed=0)
     assert len(val) == 400 and len(test) == 1600
