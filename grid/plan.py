@@ -20,10 +20,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any
 
-from grid.spec import STAGE_KINDS, LoadedSpec, canon, expand
+from grid.spec import STAGE_KINDS, Cell, LoadedSpec, canon, expand
 
-CODE_VERSION = {"data": 1, "resource": 1, "attack": 1, "prepare": 2, "defense": 2, "eval": 1}
+CODE_VERSION = {"data": 1, "resource": 2, "attack": 1, "prepare": 2, "defense": 2, "eval": 1}
 
 
 @dataclass
@@ -47,11 +48,24 @@ class Stage:
 
 
 @dataclass
+class CellStages:
+    """The stages of one cell that every defense on it hangs from (what the tuner adds trials to)."""
+
+    cell: Cell
+    ident: dict  # identity columns of the cell's rows
+    data: str  # data stage key
+    attack: str  # attack stage key
+    none_eval: str  # the eval stage of the backdoored model itself
+
+
+@dataclass
 class Plan:
     stages: dict[str, Stage]  # key -> stage, parents always before children
     cells: int
     grid: str
     spec_hash: str
+    resources: Any = None  # the spec's per-kind Ray resources (for stages added later)
+    cell_stages: dict = field(default_factory=dict)  # Cell -> CellStages
 
     def of_kind(self, kind: str) -> list[Stage]:
         return [s for s in self.stages.values() if s.kind == kind]
@@ -65,6 +79,15 @@ class Plan:
 
     def counts(self) -> dict[str, int]:
         return {k: len(self.of_kind(k)) for k in STAGE_KINDS}
+
+    def add(self, kind: str, config: dict, parents: tuple, run: dict | None = None, info: dict | None = None) -> Stage:
+        """The stage of this content, added once (the same key from another cell or trial is the same work)."""
+        key = stage_key(kind, config, parents)
+        if key not in self.stages:
+            r = getattr(self.resources, kind) if self.resources is not None else None
+            self.stages[key] = Stage(kind, key, config, parents, run or {}, info or {},
+                                     r.cpus if r else 1.0, r.gpus if r else 0.0)
+        return self.stages[key]
 
 
 def stage_key(kind: str, config: dict, parents: tuple[str, ...]) -> str:
@@ -83,71 +106,110 @@ def sweep_label(name: str, user: dict, swept: list[str]) -> str:
     return f"{name}(" + ",".join(f"{k}={user[k]}" for k in swept) + ")"
 
 
-def build_plan(ls: LoadedSpec) -> Plan:
-    """The stage DAG of a *validated* spec."""
+def build_plan(ls: LoadedSpec, cells: list | None = None, with_defenses: bool = True) -> Plan:
+    """The stage DAG of a *validated* spec: every cell (or only ``cells``, (Cell, defenses) pairs
+    from ``expand``) with its data, resource, attack and no-defense eval stages, and, with
+    ``with_defenses``, each defense config's prepare/defense/eval stages."""
+    s = ls.spec
+    plan = Plan({}, 0, s.name, ls.hash, s.resources)
+    cells = expand(ls) if cells is None else cells
+    for cell, defenses in cells:
+        cs = add_cell(plan, ls, cell)
+        for dc in defenses if with_defenses else ():
+            if dc.name == "none":
+                continue
+            sweep_keys = sorted(next((d.sweep for i, d in enumerate(s.defenses) if ("defenses", i) == dc.where), {}))
+            label = dc.label if dc.label != dc.name else sweep_label(dc.name, dc.params_dict, sweep_keys)
+            add_defense(plan, ls, cs, dc.name, dc.params_dict, label)
+    plan.cells = len(plan.cell_stages)
+    return plan
+
+
+def add_cell(plan: Plan, ls: LoadedSpec, cell: Cell) -> CellStages:
+    """A cell's data, resource, attack and no-defense eval stages."""
     from defense.attacks import ATTACKS
     from defense.data import DATASETS
     from defense.methods import DEFENSES
     from defense.train import get_recipe
 
+    if cell in plan.cell_stages:
+        return plan.cell_stages[cell]
     s = ls.spec
-    stages: dict[str, Stage] = {}
-    res = s.resources
-
-    def add(kind: str, config: dict, parents: tuple, run: dict | None = None, info: dict | None = None) -> Stage:
-        key = stage_key(kind, config, parents)
-        if key not in stages:
-            r = getattr(res, kind)
-            stages[key] = Stage(kind, key, config, parents, run or {}, info or {}, r.cpus, r.gpus)
-        return stages[key]
-
     recipe = dataclasses.asdict(get_recipe(s.recipe, epochs=s.epochs))
-    cells = expand(ls)
-    for cell, defenses in cells:
-        ds, atk = s.datasets[cell.dataset], s.attacks[cell.attack]
-        data = add("data", {"dataset": ds.name, "params": _resolved(DATASETS.get(ds.name), ds.params)}, (),
-                   run={"root": ds.root, "base_dir": str(ls.base_dir)}, info={"dataset": ds.name})
-        aentry = ATTACKS.get(atk.name)
-        aparams = _resolved(aentry, atk.params)
-        ident = {"dataset": ds.name, "arch": cell.arch, "attack": atk.name, "attack_params": canon(aparams),
-                 "pratio": cell.pratio, "target": s.target, "seed": cell.seed}
-        parents: tuple = (data.key,)
-        if aentry.meta.get("resources"):
-            # one per (data, attack, params, arch, recipe, target): resources do not depend on
-            # the rate; the probe seed/rate only drive the poisoning call that builds them.
-            r = add("resource", {"attack": atk.name, "attack_params": aparams, "arch": cell.arch,
-                                 "recipe": recipe, "target": s.target,
-                                 "version": aentry.meta.get("version", 1)}, (data.key,),
-                    run={"seed": cell.seed, "pratio": cell.pratio},
-                    info={"dataset": ds.name, "arch": cell.arch, "attack": atk.name})
-            parents = (data.key, r.key)
-        attack = add("attack", {"attack": atk.name, "attack_params": aparams, "pratio": cell.pratio,
-                                "target": s.target, "seed": cell.seed, "arch": cell.arch, "recipe": recipe,
-                                "val_ratio": s.val_ratio, "version": aentry.meta.get("version", 1)},
-                     parents, info=dict(ident))
-        # the no-defense rows of every cell: evaluate the backdoored model itself
-        none_params = _resolved(DEFENSES.get("none"), {})
-        add("eval", {"defense": "none", "params": none_params, "val_ratio": s.val_ratio},
-            (data.key, attack.key), info={**ident, "defense": "none", "params": canon(none_params)})
-        for dc in defenses:
-            if dc.name == "none":
-                continue
-            dentry = DEFENSES.get(dc.name)
-            dparams = _resolved(dentry, dc.params_dict)
-            sweep_keys = sorted(next((d.sweep for i, d in enumerate(s.defenses) if ("defenses", i) == dc.where), {}))
-            label = dc.label if dc.label != dc.name else sweep_label(dc.name, dc.params_dict, sweep_keys)
-            dident = {**ident, "defense": label, "defense_name": dc.name, "params": canon(dparams)}
-            dparents: tuple = (data.key, attack.key)
-            if dentry.meta.get("prepare") is not None:
-                shared = {k: dparams[k] for k in dentry.meta.get("shared", ())}
-                prep = add("prepare", {"defense": dc.name, "shared": shared, "defender_ratio": s.defender_ratio,
-                                       "seed": cell.seed, "version": dentry.meta.get("version", 1)},
-                           (data.key, attack.key), run={"params": dc.params_dict},
-                           info={**ident, "defense": dc.name})
-                dparents = (data.key, attack.key, prep.key)
-            d = add("defense", {"defense": dc.name, "params": dparams, "defender_ratio": s.defender_ratio,
-                                "seed": cell.seed, "version": dentry.meta.get("version", 1)},
-                    dparents, info=dident)
-            add("eval", {"defense": dc.name, "params": dparams, "val_ratio": s.val_ratio},
-                (data.key, attack.key, d.key), info=dident)
-    return Plan(stages, len(cells), s.name, ls.hash)
+    ds, atk = s.datasets[cell.dataset], s.attacks[cell.attack]
+    data = plan.add("data", {"dataset": ds.name, "params": _resolved(DATASETS.get(ds.name), ds.params)}, (),
+                    run={"root": ds.root, "base_dir": str(ls.base_dir)}, info={"dataset": ds.name})
+    aentry = ATTACKS.get(atk.name)
+    aparams = _resolved(aentry, atk.params)
+    ident = {"dataset": ds.name, "arch": cell.arch, "attack": atk.name, "attack_params": canon(aparams),
+             "pratio": cell.pratio, "target": s.target, "seed": cell.seed}
+    parents: tuple = (data.key,)
+    if aentry.meta.get("resources"):
+        # one per (data, attack, params, arch, recipe, target, seed): the resource cache
+        # (defense.resources) keys its entries by the seed too, so two seeds are two resources
+        r = plan.add("resource", {"attack": atk.name, "attack_params": aparams, "arch": cell.arch,
+                                  "recipe": recipe, "target": s.target, "seed": cell.seed,
+                                  "version": aentry.meta.get("version", 1)}, (data.key,),
+                     run={"seed": cell.seed, "pratio": cell.pratio},
+                     info={"dataset": ds.name, "arch": cell.arch, "attack": atk.name, "seed": cell.seed})
+        parents = (data.key, r.key)
+    attack = plan.add("attack", {"attack": atk.name, "attack_params": aparams, "pratio": cell.pratio,
+                                 "target": s.target, "seed": cell.seed, "arch": cell.arch, "recipe": recipe,
+                                 "val_ratio": s.val_ratio, "version": aentry.meta.get("version", 1)},
+                      parents, info=dict(ident))
+    # the no-defense rows of every cell: evaluate the backdoored model itself
+    none_params = _resolved(DEFENSES.get("none"), {})
+    ev = plan.add("eval", {"defense": "none", "params": none_params, "val_ratio": s.val_ratio},
+                  (data.key, attack.key), info={**ident, "defense": "none", "defense_name": "none",
+                                                "params": canon(none_params)})
+    cs = CellStages(cell, ident, data.key, attack.key, ev.key)
+    plan.cell_stages[cell] = cs
+    return cs
+
+
+def add_defense(plan: Plan, ls: LoadedSpec, cs: CellStages, name: str, params: dict, label: str,
+                splits: tuple[str, ...] | None = None, info: dict | None = None) -> Stage:
+    """A defense config on a cell: its shared prepare stage (when the defense has one), its
+    defense stage and its eval stage (returned). ``splits=("val",)``: an eval that scores the
+    validation split only, as tuning trials do (the reported test split is never read)."""
+    from defense.methods import DEFENSES
+
+    s = ls.spec
+    dentry = DEFENSES.get(name)
+    dparams = _resolved(dentry, params)
+    dident = {**cs.ident, "defense": label, "defense_name": name, "params": canon(dparams), **(info or {})}
+    dparents: tuple = (cs.data, cs.attack)
+    seed = cs.cell.seed
+    if dentry.meta.get("prepare") is not None:
+        shared = {k: dparams[k] for k in dentry.meta.get("shared", ())}
+        prep = plan.add("prepare", {"defense": name, "shared": shared, "defender_ratio": s.defender_ratio,
+                                    "seed": seed, "version": dentry.meta.get("version", 1)},
+                        (cs.data, cs.attack), run={"params": params}, info={**cs.ident, "defense": name})
+        dparents = (cs.data, cs.attack, prep.key)
+    d = plan.add("defense", {"defense": name, "params": dparams, "defender_ratio": s.defender_ratio,
+                             "seed": seed, "version": dentry.meta.get("version", 1)}, dparents, info=dident)
+    econf = {"defense": name, "params": dparams, "val_ratio": s.val_ratio}
+    if splits is not None and tuple(splits) != ("test", "val"):
+        econf["splits"] = list(splits)
+    return plan.add("eval", econf, (cs.data, cs.attack, d.key), info=dident)
+
+
+def trial_spec(cfg) -> LoadedSpec:
+    """The one-cell grid of a ``defense.trial.TrialConfig``: what `bdgrid trial` runs, as a spec."""
+    from pathlib import Path
+
+    from grid.spec import GridSpec
+
+    spec = GridSpec(name="trial", datasets=[{"name": cfg.dataset, "params": dict(cfg.dataset_params),
+                                              "root": cfg.data_root}],
+                    archs=[cfg.arch], attacks=[{"name": cfg.attack, "params": dict(cfg.attack_params)}],
+                    pratios=[cfg.pratio], seeds=[cfg.seed], target=cfg.target, recipe=cfg.recipe, epochs=cfg.epochs,
+                    defender_ratio=cfg.defender_ratio, val_ratio=cfg.val_ratio)
+    return LoadedSpec(spec, {}, "trial", Path("."), "")
+
+
+def trial_model_key(cfg) -> str:
+    """The content key of the backdoored model a trial trains: the same as the attack stage key
+    of a grid (or tune) with that one cell, so the three commands name one model alike."""
+    [attack] = build_plan(trial_spec(cfg), with_defenses=False).of_kind("attack")
+    return attack.key

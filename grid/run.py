@@ -56,39 +56,57 @@ class RunResult:
 
 # ----------------------------------------------------------------------------- what is done
 
-def eval_keys_done(out: Path) -> set[str]:
+def done_evals(out: Path) -> dict[str, set]:
+    """{eval key: splits whose rows are in ``<out>/results``}."""
     import results
 
-    df = results.load(out)
+    df = results.load(out, extra=False)
     if df.empty or "key" not in df.columns:
-        return set()
-    if "split" in df.columns:  # done = both split rows are there
-        n = df.groupby("key")["split"].nunique()
-        return set(n[n >= 2].index)
-    return set(df["key"])
+        return {}
+    return {k: set(g) for k, g in df.groupby("key")["split"]}
 
 
-def needed_stages(plan: Plan, store: ArtifactStore, out: Path) -> tuple[set, set, list]:
-    """(to_run, cached, corrupt): the stages to execute, those already done, and the keys whose
-    artifact failed its checksum (deleted; they are in to_run)."""
-    done_evals = eval_keys_done(out)
+def eval_done(stage: Stage, have: dict[str, set]) -> bool:
+    return set(stage.config.get("splits", ("test", "val"))) <= have.get(stage.key, set())
+
+
+def ancestors(plan: Plan, keys) -> set[str]:
+    out, stack = set(), list(keys)
+    while stack:
+        k = stack.pop()
+        if k not in out:
+            out.add(k)
+            stack.extend(plan.stages[k].parents)
+    return out
+
+
+def needed_stages(plan: Plan, store: ArtifactStore, out: Path, targets=None, have: dict | None = None,
+                  verified: set | None = None, repair: bool = True) -> tuple[set, set, list]:
+    """(to_run, done, corrupt) for the eval stages ``targets`` (default: every eval of the plan)
+    and what they depend on: the stages to execute, those already done, and the keys whose
+    artifact failed its checksum. With ``repair`` a corrupt artifact is deleted (and its stage is
+    in to_run); without it (a dry run) nothing on disk changes."""
+    targets = [s.key for s in plan.of_kind("eval")] if targets is None else list(targets)
+    have = done_evals(out) if have is None else have
+    verified = set() if verified is None else verified
+    scope = ancestors(plan, targets)
     done = set()
-    for s in plan.stages.values():
-        if s.kind == "eval" and s.key in done_evals:
-            done.add(s.key)
-        elif s.kind in STORED and store.exists(s.kind, s.key):
-            done.add(s.key)
-    children = plan.children()
+    for k in scope:
+        s = plan.stages[k]
+        if s.kind == "eval" and eval_done(s, have):
+            done.add(k)
+        elif s.kind in STORED and store.exists(s.kind, k):
+            done.add(k)
     corrupt: list = []
-    verified: set = set()
     while True:
         need: set = set()
-        for key in reversed(list(plan.stages)):  # children before parents
-            s = plan.stages[key]
-            if key in done:
+        stack = [k for k in targets if k not in done]
+        while stack:  # a stage runs when something wanted below it is missing and it is missing too
+            k = stack.pop()
+            if k in need:
                 continue
-            if s.kind == "eval" or any(c in need for c in children[key]):
-                need.add(key)
+            need.add(k)
+            stack.extend(p for p in plan.stages[k].parents if p not in done and p not in need)
         # artifacts that a stage to run will read must be intact; otherwise recompute them
         bad = []
         for key in need:
@@ -102,8 +120,10 @@ def needed_stages(plan: Plan, store: ArtifactStore, out: Path) -> tuple[set, set
         if not bad:
             return need, done, corrupt
         for p in set(bad):
-            store.delete(plan.stages[p].kind, p)
+            if repair:
+                store.delete(plan.stages[p].kind, p)
             done.discard(p)
+            verified.add(p)  # counted once; it is in to_run now
             corrupt.append(p)
 
 
@@ -226,7 +246,7 @@ class _Progress:
 
     def __init__(self, plan: Plan, out: Path, total_run: int, cached: set, show: bool, console=None):
         self.plan, self.out, self.cached, self.t0 = plan, out, cached, time.time()
-        self.status = {k: ("cached" if k in cached else "pending") for k in plan.stages}
+        self.status: dict = {k: "cached" for k in cached}  # only the stages wanted so far
         self.failures: list = []
         self.last_write = 0.0
         self.bar = None
@@ -265,7 +285,7 @@ class _Progress:
         real = sum(1 for k, v in self.status.items() if v == "done" and self.plan.stages[k].kind != "data")
         eta = el / real * (self.total_run - finished_n) if real else None
         if self.bar is not None:
-            self.bar.update(self.task, completed=finished_n,
+            self.bar.update(self.task, completed=finished_n, total=max(self.total_run, 1),
                             info=f"done {done} running {run} queued {queued} failed {fail}"
                                  + (f" skipped {skip}" if skip else ""))
         if force or finished or time.time() - self.last_write > 1.0:
@@ -285,140 +305,220 @@ def artifact_root(ls: LoadedSpec, out: Path, override: str | None = None) -> str
     return str(override or ls.spec.artifacts or os.environ.get("BDGRID_ARTIFACTS") or Path(out).resolve() / "artifacts")
 
 
-def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = None, show_progress: bool = True,
-                 console=None) -> RunResult:
-    """Run every needed stage of ``ls``'s grid on the connected Ray cluster (see ``connect``)."""
-    import ray
-    from ray.exceptions import GetTimeoutError  # noqa: F401  (documented failure types below)
+class Runner:
+    """The driver loop over a plan that may grow while it runs: ``bdgrid run`` wants every eval
+    of the grid at once; ``bdgrid tune`` adds each trial's defense and eval stages to the same
+    plan and wants them as Optuna asks. Both get the same resume, artifact checks, retries,
+    timeouts, failure files, warnings, progress and state file.
 
-    from grid import stages
+    ``want(keys)`` schedules eval stages (and whatever they need); ``poll()`` waits a little and
+    handles what finished; ``status[key]`` is one of pending, queued, running, done, cached,
+    failed, skipped; ``rows[key]`` holds the rows of each eval executed in this run.
+    """
 
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    spec = ls.spec
-    import_plugins(spec.imports, [str(ls.base_dir.resolve())])  # validation reported any failure
-    plan = build_plan(ls)
-    store = ArtifactStore(artifact_root(ls, out, artifacts))
-    t0 = time.time()
-    need, cached, corrupt = needed_stages(plan, store, out)
-    res = RunResult(plan, out, cached=cached, recomputed_corrupt=corrupt)
-    env = {"out": str(out), "grid": plan.grid, "spec_hash": plan.spec_hash,
-           "imports": list(spec.imports), "import_path": [str(ls.base_dir.resolve())],
-           "kill_once": os.environ.get("BDGRID_TEST_KILL_ONCE"), "fail": os.environ.get("BDGRID_TEST_FAIL"),
-           "kill_always": os.environ.get("BDGRID_TEST_KILL_ALWAYS"), "hang": os.environ.get("BDGRID_TEST_HANG")}
-    prog = _Progress(plan, out, len(need), cached, show_progress, console)
-    if console is None:  # the bar's own console when it has one, so warnings print above it
-        from rich.console import Console
+    def __init__(self, ls: LoadedSpec, plan: Plan, out: Path, store: ArtifactStore, *, show_progress: bool = True,
+                 console=None):
+        import ray
 
-        console = prog.bar.console if prog.bar is not None else Console(stderr=True)
-    for k in plan.stages:
-        if k not in need and k not in cached:
-            prog.status[k] = "cached"  # not needed: nothing below it is missing (e.g. an unused data stage)
-    children = plan.children()
-    run_stage = _remote()
-    start_log = _start_log()
-    running: dict = {}  # ObjectRef -> (key, submitted at)
-    began: dict = {}  # key -> when its current attempt left Ray's queue (the timeout counts from here)
-    attempts: dict = {}
-    data_refs: dict = {}  # data stage key -> ObjectRef (kept while a child still needs it)
-    finished: set = set(cached)
+        self.ls, self.plan, self.out, self.store, self.spec = ls, plan, Path(out), store, ls.spec
+        self.res = RunResult(plan, self.out)
+        self.t0 = time.time()
+        self.have = done_evals(self.out)
+        self.verified: set = set()
+        self.need: set = set()
+        self.rows: dict = {}
+        self.env = {"out": str(self.out), "grid": plan.grid, "spec_hash": plan.spec_hash,
+                    "imports": list(self.spec.imports), "import_path": [str(ls.base_dir.resolve())]}
+        self.prog = _Progress(plan, self.out, 0, set(), show_progress, console)
+        self.console = console or (self.prog.bar.console if self.prog.bar is not None else None)
+        if self.console is None:
+            from rich.console import Console
 
-    def submit(key: str) -> None:
-        s = plan.stages[key]
-        data = data_refs.get(s.parents[0]) if s.parents else None
-        ref = run_stage.options(num_cpus=s.cpus, num_gpus=s.gpus, max_retries=spec.retries,
-                                retry_exceptions=False, name=s.label).remote(s, data, store.uri, env, start_log)
-        running[ref] = (key, time.time())
-        began.pop(key, None)
-        prog.set(key, "queued")
+            self.console = Console(stderr=True)
+        self.run_stage = _remote()
+        self.start_log = _start_log()
+        self.running: dict = {}  # ObjectRef -> key
+        self.began: dict = {}  # key -> when its current attempt left Ray's queue (the timeout counts from here)
+        self.attempts: dict = {}
+        self.data_refs: dict = {}  # data stage key -> ObjectRef (kept while a child still needs it)
+        self._ray = ray
 
-    def ready(key: str) -> bool:
-        s = plan.stages[key]
-        return prog.status[key] == "pending" and key in need and all(
-            p in finished or p not in need for p in s.parents)
+    @property
+    def status(self) -> dict:
+        return self.prog.status
 
-    def fail(key: str, err: str, tb: str) -> None:
-        fdir = out / "failures"
+    def want(self, targets) -> None:
+        """Schedule the eval stages ``targets`` and what they need that is not done yet."""
+        targets = [k for k in targets if self.status.get(k) not in ("done", "cached", "failed", "skipped")]
+        need, done, corrupt = needed_stages(self.plan, self.store, self.out, targets, self.have, self.verified)
+        self.res.recomputed_corrupt += [k for k in corrupt if k not in self.res.recomputed_corrupt]
+        for k in done:
+            if k not in self.status:
+                self.status[k] = "cached"
+                self.res.cached.add(k)
+        new = [k for k in self.plan.stages if k in need and k not in self.need and k not in self.status]
+        self.need |= need
+        self.prog.total_run += len(new)
+        for k in new:
+            self.status[k] = "pending"
+        for k in new:  # a stage below one that already failed in this run cannot run either
+            if any(self.status.get(p) in ("failed", "skipped") for p in self.plan.stages[k].parents):
+                self.res.skipped.add(k)
+                self.status[k] = "skipped"
+        for k in new:
+            if self._ready(k):
+                self._submit(k)
+        self.prog.update()
+
+    def finished(self, key: str) -> bool:
+        return self.status.get(key) in ("done", "cached", "failed", "skipped")
+
+    def _ready(self, key: str) -> bool:
+        s = self.plan.stages[key]
+        return self.status.get(key) == "pending" and all(
+            self.status.get(p) in ("done", "cached") for p in s.parents)
+
+    def _submit(self, key: str) -> None:
+        s = self.plan.stages[key]
+        dk = s.parents[0] if s.parents and self.plan.stages[s.parents[0]].kind == "data" else None
+        if dk is not None and dk not in self.data_refs:
+            if self.status.get(dk) == "done":
+                # loaded earlier and released once nothing needed it; a stage wanted since needs it again
+                self.prog.total_run += 1
+                self.status[dk] = "pending"
+                self._submit(dk)
+            return  # submitted when the data stage finishes (see poll)
+        data = self.data_refs.get(dk) if dk else None
+        ref = self.run_stage.options(num_cpus=s.cpus, num_gpus=s.gpus, max_retries=self.spec.retries,
+                                     retry_exceptions=False, name=s.label).remote(s, data, self.store.uri, self.env,
+                                                                                 self.start_log)
+        self.running[ref] = key
+        self.began.pop(key, None)
+        self.prog.set(key, "queued")
+
+    def _fail(self, key: str, err: str, tb: str) -> None:
+        from grid.stages import plain_text
+
+        fdir = self.out / "failures"
         fdir.mkdir(exist_ok=True)
-        f = fdir / f"{plan.stages[key].kind}-{key}.txt"
-        f.write_text(f"{plan.stages[key].label}\nattempts: {attempts.get(key, 0)}\n\n{tb}")
-        res.failed[key] = err
-        prog.set(key, "failed", {"stage": plan.stages[key].label, "error": err, "file": str(f)})
+        s = self.plan.stages[key]
+        f = fdir / f"{s.kind}-{key}.txt"
+        f.write_text(plain_text(f"{s.label}\nattempts: {self.attempts.get(key, 0)}\n\n{tb}"))
+        self.res.failed[key] = err
+        self.prog.set(key, "failed", {"stage": s.label, "error": err, "file": str(f)})
+        children = self.plan.children()
         stack = list(children[key])
         while stack:  # everything below a failed stage cannot run this time
             c = stack.pop()
-            if prog.status[c] == "pending" and c in need:
-                res.skipped.add(c)
-                prog.set(c, "skipped")
+            if self.status.get(c) == "pending":
+                self.res.skipped.add(c)
+                self.prog.set(c, "skipped")
                 stack.extend(children[c])
 
-    try:
-        for key in plan.stages:
-            if ready(key):
-                submit(key)
-        while running:
-            refs = list(running)
-            done_refs, _ = ray.wait(refs, num_returns=1, timeout=0.5)
-            try:
-                started = {k: time.time() for k in ray.get(start_log.take.remote(), timeout=30)}
-            except Exception:  # noqa: BLE001 - the actor is gone: count a stage as started when submitted
-                started = {k: t for k, t in running.values() if k not in began}
-            for k, t in started.items():
-                if prog.status.get(k) == "queued":
-                    prog.status[k] = "running"
-                    began[k] = t
-            now = time.time()
-            if spec.timeout:  # cancel attempts that ran too long; they count as failures
-                for ref in refs:
-                    k = running[ref][0]
-                    if ref not in done_refs and k in began and now - began[k] > spec.timeout:
-                        ray.cancel(ref, force=True)
-            for ref in done_refs:
-                key, _ = running.pop(ref)
-                t_start = began.pop(key, None)
-                s = plan.stages[key]
-                try:
-                    output = ray.get(ref)
-                    if s.kind == "eval":
-                        stages.write_rows(out, s, output)
-                except Exception as e:  # RayTaskError (exception in the stage), WorkerCrashedError (retries spent), cancel
-                    attempts[key] = attempts.get(key, 0) + 1
-                    if isinstance(e, (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)):
-                        # Ray already re-ran the dead worker's task `max_retries` times: retrying here
-                        # too would multiply the attempts (1 + retries)^2
-                        attempts[key] = spec.retries + 1
-                    timed_out = spec.timeout and t_start is not None and time.time() - t_start > spec.timeout
-                    msg = (f"timed out after {spec.timeout:g}s" if timed_out
-                           else f"{type(getattr(e, 'cause', None) or e).__name__}: {str(getattr(e, 'cause', None) or e).splitlines()[0][:300] if str(getattr(e, 'cause', None) or e) else ''}")
-                    if attempts[key] <= spec.retries:
-                        prog.set(key, "pending")
-                        submit(key)
-                    else:
-                        fail(key, msg, "".join(traceback.format_exception(e)))
-                    continue
-                finished.add(key)
-                res.done.add(key)
-                report_said(out, s, output, console)
-                (out / "failures" / f"{s.kind}-{key}.txt").unlink(missing_ok=True)
-                if s.kind == "data":
-                    data_refs[key] = ref
-                prog.set(key, "done")
-                for c in children[key]:
-                    if ready(c):
-                        submit(c)
-                # free a dataset from the object store once nothing left needs it
-                for dk in list(data_refs):
-                    if all(prog.status[c] in ("done", "failed", "skipped", "cached") for c in children[dk]):
-                        del data_refs[dk]
-            prog.update()
-    finally:
-        res.wall_s = time.time() - t0
-        prog.update(finished=not running, force=True)
-        prog.stop()
+    def poll(self, timeout: float = 0.5) -> list[str]:
+        """Wait up to ``timeout`` s for stages to finish and handle them; returns the keys that
+        reached a final state (done or failed) in this call."""
+        ray, spec = self._ray, self.spec
+        from grid import stages
+
+        if not self.running:
+            return []
+        refs = list(self.running)
+        done_refs, _ = ray.wait(refs, num_returns=1, timeout=timeout)
         try:
-            ray.kill(start_log)
+            started = {k: time.time() for k in ray.get(self.start_log.take.remote(), timeout=30)}
+        except Exception:  # noqa: BLE001 - the actor is gone: count a stage as started when submitted
+            started = {k: time.time() for k in self.running.values() if k not in self.began}
+        for k, t in started.items():
+            if self.status.get(k) == "queued":
+                self.status[k] = "running"
+                self.began[k] = t
+        now = time.time()
+        if spec.timeout:  # cancel attempts that ran too long; they count as failures
+            for ref in refs:
+                k = self.running[ref]
+                if ref not in done_refs and k in self.began and now - self.began[k] > spec.timeout:
+                    ray.cancel(ref, force=True)
+        ended = []
+        children = self.plan.children()
+        for ref in done_refs:
+            key = self.running.pop(ref)
+            t_start = self.began.pop(key, None)
+            s = self.plan.stages[key]
+            try:
+                output = ray.get(ref)
+                if s.kind == "eval":
+                    stages.write_rows(self.out, s, output)
+            except Exception as e:  # RayTaskError (exception in the stage), WorkerCrashedError (retries spent), cancel
+                self.attempts[key] = self.attempts.get(key, 0) + 1
+                if isinstance(e, (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)):
+                    # Ray already re-ran the dead worker's task `max_retries` times: retrying here
+                    # too would multiply the attempts (1 + retries)^2
+                    self.attempts[key] = spec.retries + 1
+                timed_out = spec.timeout and t_start is not None and time.time() - t_start > spec.timeout
+                cause = getattr(e, "cause", None) or e
+                first = str(cause).splitlines()[0][:300] if str(cause) else ""
+                msg = f"timed out after {spec.timeout:g}s" if timed_out else f"{type(cause).__name__}: {first}"
+                if self.attempts[key] <= spec.retries:
+                    self.prog.set(key, "pending")
+                    self._submit(key)
+                else:
+                    self._fail(key, msg, "".join(traceback.format_exception(e)))
+                    ended.append(key)
+                continue
+            self.res.done.add(key)
+            if s.kind == "eval":
+                self.rows[key] = output["rows"]
+                self.have[key] = {r["split"] for r in output["rows"]}
+            report_said(self.out, s, output, self.console)
+            (self.out / "failures" / f"{s.kind}-{key}.txt").unlink(missing_ok=True)
+            if s.kind == "data":
+                self.data_refs[key] = ref
+            self.prog.set(key, "done")
+            ended.append(key)
+            for c in children[key]:
+                if self._ready(c):
+                    self._submit(c)
+        # free a dataset from the object store once nothing pending needs it
+        for dk in list(self.data_refs):
+            if all(self.status.get(c) not in ("pending", "queued", "running") for c in children[dk]):
+                del self.data_refs[dk]
+        self.prog.update()
+        return ended
+
+    def close(self) -> RunResult:
+        self.res.wall_s = time.time() - self.t0
+        self.prog.update(finished=not self.running, force=True)
+        self.prog.stop()
+        try:
+            self._ray.kill(self.start_log)
         except Exception:  # noqa: BLE001 - already gone with its node
             pass
+        return self.res
+
+
+def open_runner(ls: LoadedSpec, out: str | Path, plan: Plan, *, artifacts: str | None = None,
+                show_progress: bool = True, console=None) -> Runner:
+    """A Runner on the connected Ray cluster (see ``connect``) for ``plan``, writing under ``out``."""
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    import_plugins(ls.spec.imports, [str(ls.base_dir.resolve())])  # validation reported any failure
+    return Runner(ls, plan, out, ArtifactStore(artifact_root(ls, out, artifacts)), show_progress=show_progress,
+                  console=console)
+
+
+def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = None, show_progress: bool = True,
+                 console=None, plan: Plan | None = None) -> RunResult:
+    """Run every needed stage of ``ls``'s grid (or of ``plan``) on the connected Ray cluster."""
+    import_plugins(ls.spec.imports, [str(ls.base_dir.resolve())])
+    plan = plan or build_plan(ls)
+    runner = open_runner(ls, out, plan, artifacts=artifacts, show_progress=show_progress, console=console)
+    try:
+        runner.want([s.key for s in plan.of_kind("eval")])
+        while runner.running:
+            runner.poll()
+    finally:
+        res = runner.close()
     return res
 
 
@@ -437,11 +537,6 @@ def paper_table(out: Path, plan: Plan | None = None, metrics=("acc", "asr", "der
     df = df[df["split"] == "test"]
     if df.empty:
         return "(no results yet)"
-    try:
-        from results.tables import markdown  # the results package's paper table (mean +- std over seeds)
+    from results.tables import markdown  # the results package's paper table (mean +- std over seeds)
 
-        return markdown(df, metrics=list(metrics), rows="attack", cols="defense")
-    except ImportError:
-        pass
-    piv = df.pivot_table(index="attack", columns="defense", values=list(metrics), aggfunc="mean") * 100
-    return piv.round(2).to_markdown()
+    return markdown(df, metrics=list(metrics), rows="attack", cols="defense")

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from defense.registry import did_you_mean
+from grid.tune.space import TuneBlock
 
 STAGE_KINDS = ("data", "resource", "attack", "prepare", "defense", "eval")
 CELL_AXES = ("dataset", "arch", "attack", "pratio", "seed")
@@ -115,7 +116,9 @@ class GridSpec(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0])
     defenses: list[DefenseSpec] = Field(default_factory=lambda: [DefenseSpec(name="none")])
     target: int = 0  # all-to-one target class (BackdoorBench default 0)
-    recipe: str = "paper"
+    # one default for `bdgrid trial`, grids and tunes (defense.trial.TrialConfig.recipe): the
+    # paper protocol is `recipe: paper`; every result row records the recipe
+    recipe: str = "fast"
     epochs: int | None = None  # override the recipe's attack-training epochs
     defender_ratio: float = 0.05  # BackdoorBench: the defender holds 5% of the clean train set
     val_ratio: float = 0.2  # part of the test set held out for tuning; not reported
@@ -128,6 +131,8 @@ class GridSpec(_Strict):
     exclude: list[dict[str, Any]] = Field(default_factory=list)
     # your own modules registering datasets/models/attacks/defenses (grid.plugins)
     imports: list[str] = Field(default_factory=list)
+    # `bdgrid tune`: Optuna over one defense's parameters on some of this grid's cells (grid.tune)
+    tune: TuneBlock | None = None
 
     @field_validator("datasets", "attacks", "defenses", mode="before")
     @classmethod
@@ -191,16 +196,24 @@ def _pydantic_problems(e: ValidationError, lines: dict) -> list[Problem]:
 
 def _valid_keys(parent: tuple) -> list[str]:
     """Field names of the model at ``parent`` (for did-you-mean on unknown keys)."""
+    import typing
+
     model: Any = GridSpec
+    keyed = False  # the next path element is a key of a dict field (tune.space.<name>), not a field
     for p in parent:
         if isinstance(p, int):
+            continue
+        if keyed:
+            keyed = False
             continue
         f = getattr(model, "model_fields", {}).get(p)
         if f is None:
             return []
         ann = f.annotation
         args = getattr(ann, "__args__", ())
-        model = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        keyed = any(typing.get_origin(a) is dict for a in (ann, *args))
+        inner = [x for a in (ann, *args) for x in (a, *getattr(a, "__args__", ()))]
+        model = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if model is None:
             return []
     return list(getattr(model, "model_fields", {}))
@@ -244,6 +257,10 @@ def parse_spec(text: str, file: str = "spec", base_dir: Path | None = None) -> t
     if not isinstance(data, dict):
         return LoadedSpec(None, lines, file, base, text), [
             Problem((), "a spec is a YAML mapping with at least datasets, archs, attacks", 1)]
+    from grid.tune import legacy
+
+    if legacy.is_legacy(data):
+        return LoadedSpec(None, lines, file, base, text), [Problem((), legacy.message(data), 1)]
     try:
         spec = GridSpec.model_validate(data)
     except ValidationError as e:

@@ -41,6 +41,14 @@ from grid.store import ArtifactStore
 
 # ----------------------------------------------------------------------------- helpers
 
+def plain_text(text: str) -> str:
+    """``text`` without ANSI colour codes (Ray colours its tracebacks): failure files are read in
+    editors and grepped, not shown on a terminal."""
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
+
+
 def _torch_setup(stage: Stage):
     import torch
 
@@ -85,7 +93,9 @@ def _split_metrics(model, test, bd_x, bd_idx, bd_true, idx, target, device) -> d
     keep = torch.nonzero(torch.isin(bd_idx, idx)).flatten()
     bd = Data(bd_x[keep], torch.full((len(keep),), target, dtype=torch.long), test.info)
     model.to(device)
-    return attack_metrics(model, test.subset(idx).to(device), bd.to(device), bd_true[keep].to(device), target)
+    m = attack_metrics(model, test.subset(idx).to(device), bd.to(device), bd_true[keep].to(device), target)
+    # the sample sizes behind each fraction: tuning puts binomial intervals on validation metrics
+    return {**m, "n_clean": int(len(idx)), "n_bd": int(len(keep))}
 
 
 def _log(out: str, stage: Stage, seconds: float, node: str = "-") -> None:
@@ -96,31 +106,6 @@ def _log(out: str, stage: Stage, seconds: float, node: str = "-") -> None:
         os.write(fd, line.encode())  # one small O_APPEND write: lines from parallel workers never interleave
     finally:
         os.close(fd)
-
-
-def _test_faults(stage: Stage, env: dict) -> None:
-    """Test-only fault injection. BDGRID_TEST_KILL_ONCE=<kind>: the first worker that runs a stage
-    of that kind dies abruptly (os._exit, as an OOM kill would), once per output folder.
-    BDGRID_TEST_FAIL=<kind>: every stage of that kind raises. BDGRID_TEST_KILL_ALWAYS=<kind>:
-    every worker that runs a stage of that kind dies, after appending a line to ``.kills-<kind>``.
-    BDGRID_TEST_HANG=<kind>: every stage of that kind sleeps for an hour (for the timeout)."""
-    if env.get("hang") == stage.kind:
-        time.sleep(3600)
-    if env.get("kill_always") == stage.kind:
-        with open(Path(env["out"]) / f".kills-{stage.kind}", "a") as f:
-            f.write(f"{os.getpid()}\n")
-        os._exit(17)
-    if env.get("fail") == stage.kind:
-        raise RuntimeError(f"injected failure in a {stage.kind} stage (BDGRID_TEST_FAIL)")
-    kind = env.get("kill_once")
-    if kind and kind == stage.kind:
-        marker = Path(env["out"]) / f".killed-{kind}"
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return
-        os.close(fd)
-        os._exit(17)
 
 
 class _Capture:
@@ -200,10 +185,8 @@ def _trial_cfg(c: dict, dataset: str, device: str):
 
 
 def _resources(store: ArtifactStore):
-    try:
-        from defense.resources import ResourceCache
-    except ImportError:  # pragma: no cover - attacks without resources still run
-        return None
+    from defense.resources import ResourceCache
+
     return ResourceCache(store.resource_dir())
 
 
@@ -310,6 +293,17 @@ def _defense_extra(src: dict) -> dict:
             "warnings": json.loads(src.get("warnings") or "[]")}
 
 
+def _bd_digest(atk: dict, idx) -> str:
+    """sha256 of the backdoor images a split is scored on (those made from the split's test
+    images): lets anyone check that two evaluations of a cell read the same poisoned bytes."""
+    import hashlib
+
+    import torch
+
+    keep = torch.nonzero(torch.isin(atk["bd_idx"], idx)).flatten()
+    return hashlib.sha256(atk["bd_x"][keep].contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
 def run_eval(stage: Stage, data: dict, store: ArtifactStore, env: dict) -> dict:
     """Score the (purified) model on the reported test split and the validation split; write the
     result rows (one per split) and the curves. Only this stage writes result rows."""
@@ -330,13 +324,17 @@ def run_eval(stage: Stage, data: dict, store: ArtifactStore, env: dict) -> dict:
     # result rows only: the curves rows share ``base`` and would repeat it on every epoch
     said = _defense_extra(src) if defended else {}
     rows = []
+    # a tuning trial's eval scores the validation split only: the reported test split is not read
+    splits = stage.config.get("splits", ("test", "val"))
     for split, idx in (("test", test_idx), ("val", val_idx)):
+        if split not in splits:
+            continue
         before = atk["metrics"][split]
         after = (_split_metrics(model, test, atk["bd_x"], atk["bd_idx"], atk["bd_true"], idx, ident["target"], dev)
                  if defended else before)
         rows.append({**base, **said, "split": split, **after, "der": der(before["acc"], before["asr"], after["acc"], after["asr"]),
                      "bd_acc": before["acc"], "bd_asr": before["asr"], "bd_ra": before["ra"],
-                     "started_at": t0, "ended_at": time.time()})
+                     "bd_digest": _bd_digest(atk, idx), "started_at": t0, "ended_at": time.time()})
     curves = (_curve_rows(base, json.loads(src["curves"]), "defense") if defended
               else _curve_rows(base, json.loads(atk["history"]), "attack"))
     # returned, not written here: the driver writes them (see ``write_rows``), so results land
@@ -361,7 +359,6 @@ def execute(stage: Stage, data: Any, store: ArtifactStore, env: dict) -> Any:
     """Run one stage (in a Ray worker or in-process); ``data`` is the data stage's output."""
     # validation imported them in the driver; a worker that cannot is misconfigured
     require_plugins(env.get("imports", []), env.get("import_path", []))
-    _test_faults(stage, env)
     t0 = time.perf_counter()
     out = run_data(stage, env) if stage.kind == "data" else RUNNERS[stage.kind](stage, data, store, env)
     _log(env["out"], stage, time.perf_counter() - t0, env.get("node", "-"))

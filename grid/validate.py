@@ -198,6 +198,9 @@ def validate(ls: LoadedSpec, gpus_available: float | None = None) -> list[Proble
                 add(("resources", kind, "gpus"), f"{kind} stages ask for {g} GPUs per task; the largest the cluster "
                                                  f"could give is {gpus_available}")
 
+    if s.tune is not None:
+        _check_tune(ls, add)
+
     # the grid after include/exclude must not be empty, and every exclude must match something
     if not problems:
         cells = expand(ls)
@@ -268,3 +271,117 @@ def _param_path(path: tuple, msg: str, params: dict, swept: set = frozenset()) -
         if f"'{k}'" in msg or re.match(rf"(\w+: )?{re.escape(k)}\b", msg):
             return path + (("sweep" if k in swept else "params"), k)
     return path + ("params",) if params else path
+
+
+# ----------------------------------------------------------------------------- the tune: block
+
+def _check_tune(ls: LoadedSpec, add) -> None:
+    """The ``tune:`` block: objectives, sampler, counts, storage, the defense and its space
+    against the defense's parameters, and tune_on/report_on as filters over the grid's cells."""
+    from defense.methods import DEFENSES
+    from defense.registry import BadParams, UnknownName, did_you_mean
+    from grid.tune.space import DIRECTIONS, FILTER_KEYS, SAMPLERS, dist_problems, grid_values
+
+    t = ls.spec.tune
+    T = ("tune",)
+    for i, o in enumerate(t.objectives):
+        if o not in DIRECTIONS:
+            add(T + ("objectives", i), f"unknown objective '{o}'{did_you_mean(o, DIRECTIONS)}; valid: {', '.join(DIRECTIONS)}")
+    if not t.objectives:
+        add(T + ("objectives",), f"give at least one of {', '.join(DIRECTIONS)}")
+    if len(set(t.objectives)) != len(t.objectives):
+        add(T + ("objectives",), f"duplicate entries {t.objectives}")
+    if t.select not in DIRECTIONS:
+        add(T + ("select",), f"unknown metric '{t.select}'; valid: {', '.join(DIRECTIONS)}")
+    if t.max_acc_drop is not None and not 0 <= t.max_acc_drop <= 1:
+        add(T + ("max_acc_drop",), f"a fraction in [0, 1] (0.02 = 2 points), got {t.max_acc_drop}")
+    if not 0.5 <= t.confidence < 1:
+        add(T + ("confidence",), f"a confidence level in [0.5, 1), e.g. 0.95, got {t.confidence}")
+    if t.sampler not in SAMPLERS:
+        add(T + ("sampler",), f"unknown sampler '{t.sampler}'{did_you_mean(t.sampler, SAMPLERS)}; valid: {', '.join(SAMPLERS)}")
+    for k in ("n_trials", "parallelism"):
+        if getattr(t, k) < 1:
+            add(T + (k,), f"must be >= 1, got {getattr(t, k)}")
+    if t.storage and "://" in t.storage and t.storage.split("://")[0].split("+")[0] not in ("postgresql", "mysql", "sqlite"):
+        add(T + ("storage",), f"'{t.storage}' is neither a journal file path nor an RDB URL "
+                              f"(postgresql://, mysql://, sqlite:///)")
+    if t.study is not None and (not t.study or any(c in t.study for c in "/\\\n")):
+        add(T + ("study",), "a study name is a non-empty name without slashes")
+    if not t.space:
+        add(T + ("space",), "empty search space")
+    entry = None
+    try:
+        entry = DEFENSES.get(t.defense)
+    except UnknownName as e:
+        add(T + ("defense",), str(e))
+    bad_dist = set()
+    for name, d in t.space.items():
+        for sub, msg in dist_problems(d):
+            bad_dist.add(name)
+            add(T + ("space", name) + sub, msg)
+        if t.sampler == "grid" and d.type == "float" and d.step is None:
+            bad_dist.add(name)
+            add(T + ("space", name), "the grid sampler needs finite values: give 'step' or use type: categorical")
+    if t.sampler == "grid" and not bad_dist:
+        size = 1
+        for d in t.space.values():
+            size *= len(grid_values(d))
+        if t.n_trials > size:
+            add(T + ("n_trials",), f"{t.n_trials} exceeds the {size} points of the grid")
+    if entry is not None:
+        names = list(entry.defaults())
+        for name in t.space:
+            if name not in names:
+                bad_dist.add(name)
+                add(T + ("space", name), f"{t.defense} has no parameter '{name}'{did_you_mean(name, names)}; "
+                                         f"valid: {', '.join(names) or '(none)'}")
+        for name in t.params:
+            if name in t.space:
+                add(T + ("params", name), "also in space; fix it or tune it, not both")
+        fixed = dict(t.params)
+        try:
+            entry.make_params(t.params)
+        except BadParams as e:
+            for m in e.problems:
+                add(_param_path(T, m, t.params), m)
+            fixed = {}  # check the range ends against the defaults instead
+        for name in [n for n in t.space if n not in bad_dist]:
+            d = t.space[name]
+            for v in (d.choices if d.type == "categorical" else [d.low, d.high]):
+                v = int(v) if d.type == "int" else v
+                try:
+                    entry.make_params({**{k: x for k, x in fixed.items() if k in names}, name: v})
+                except BadParams as e:
+                    for m in e.problems:
+                        add(T + ("space", name), f"value {v!r}: {m}")
+    if not t.tune_on:
+        add(T + ("tune_on",), "name at least one cell to tune on, e.g. [{attack: badnets}]")
+    cells = None
+    for which in ("tune_on", "report_on"):
+        for i, f in enumerate(getattr(t, which)):
+            bad = [k for k in f if k not in FILTER_KEYS]
+            for k in bad:
+                add(T + (which, i, k), f"not a cell axis{did_you_mean(k, FILTER_KEYS)}; filter on {', '.join(FILTER_KEYS)}")
+            if bad:
+                continue
+            if cells is None:
+                try:
+                    cells = expand(ls)
+                except Exception:  # noqa: BLE001 - a grid part with problems: reported on its own
+                    return
+            if not any(cell_matches(ls, c, f) for c, _ in cells):
+                add(T + (which, i), f"{f} matches no cell of the grid")
+
+
+def cell_matches(ls: LoadedSpec, cell, f: dict) -> bool:
+    """A tune_on/report_on filter against a grid cell (dataset and attack by name)."""
+    s = ls.spec
+    have = {"dataset": s.datasets[cell.dataset].name, "arch": cell.arch, "attack": s.attacks[cell.attack].name,
+            "pratio": cell.pratio, "seed": cell.seed}
+    for k, v in f.items():
+        if k == "pratio":
+            if not isinstance(v, (int, float)) or abs(have[k] - float(v)) > 1e-12:
+                return False
+        elif have[k] != v:
+            return False
+    return True

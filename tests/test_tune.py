@@ -1,9 +1,11 @@
-"""bdgrid tune: real Optuna storage (journal file, PostgreSQL), real Ray, tiny synthetic models.
+"""bdgrid tune over the grid engine: real Optuna storage (journal file, PostgreSQL), real Ray, tiny
+synthetic models.
 
-One Ray session serves the whole module (Ray start-up is slow); subprocess drivers join it
-with ``--address``. The backdoored model (tiny_cnn, 1500/500 synthetic, 3 epochs: its quality does
-not matter here) is trained once by the tuner itself (a Ray task), then copied into the model
-cache of every other study, as the grid's artifact store would provide it.
+One Ray session serves the whole module (Ray start-up is slow); subprocess drivers join it with
+``--address``. Every spec of the module points ``artifacts:`` at one shared folder, so the
+backdoored model (tiny_cnn, 1500/500 synthetic, 3 epochs: its quality does not matter here) is
+trained once by the first test that needs it and found by content key in every later one, as a
+grid's store provides it.
 """
 from __future__ import annotations
 
@@ -14,17 +16,16 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
+import yaml
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
 BIN = Path(sys.executable).parent / "bdgrid"
 DATA = {"n_train": 1500, "n_test": 500}
-BASE = {"dataset_params": DATA, "epochs": 3}
-_STATE: dict = {}
 
 
 @pytest.fixture(scope="module")
@@ -45,56 +46,56 @@ def ray_address():
 
 
 @pytest.fixture(scope="module")
-def model_state(ray_address, tmp_path_factory):
-    """The tuner trains the missing backdoored model (a Ray task) and caches its checkpoint."""
-    from grid import tune
-    from grid.tune_spec import parse_spec
-
-    tmp = tmp_path_factory.mktemp("model")
-    spec = parse_spec(dict(study="m", defense="tune_probe", imports=["test_tune_plugins"],
-                           space={"n": {"low": 0.0, "high": 0.3}}, out=str(tmp), base=BASE,
-                           tune_on=[{"attack": "badnets"}]))
-    cell = spec.cells()[0]
-    states = tune.ensure_models(spec, [cell])
-    ckpt = tune.model_path(spec, cell)
-    assert ckpt.exists() and not list(ckpt.parent.glob("*.tmp"))
-    again = tune.ensure_models(spec, [cell])  # loaded from the checkpoint, not retrained
-    assert all(torch.equal(again[cell.key()][k], v) for k, v in states[cell.key()].items())
-    _STATE["badnets"] = states[cell.key()]
-    return states[cell.key()]
+def artifacts(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("shared") / "artifacts")
 
 
-def make_spec(tmp: Path, study: str = "s", **kw):
-    from grid.tune_spec import parse_spec
+def grid_dict(name: str, artifacts: str, attacks=("badnets",), dataset: str = "synthetic", tune: dict | None = None,
+              **kw) -> dict:
+    d = dict(name=name, datasets=[{"name": dataset, "params": DATA}], archs=["tiny_cnn"], attacks=list(attacks),
+             pratios=[0.1], seeds=[0], recipe="fast", epochs=3, imports=["test_tune_plugins"], artifacts=artifacts,
+             **kw)
+    if tune is not None:
+        d["tune"] = tune
+    return d
 
-    raw = dict(study=study, defense="tune_probe", imports=["test_tune_plugins"],
-               params={"count_dir": str(tmp / "count")},
-               space={"n": {"type": "float", "low": 0.0, "high": 0.3},
-                      "lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True}},
-               objectives=["acc", "asr"], sampler="tpe", n_trials=8, parallelism=2, out=str(tmp / "out"),
-               base=BASE, tune_on=[{"attack": "badnets"}])
+
+def probe_tune(tmp: Path, **kw) -> dict:
+    t = dict(defense="tune_probe", params={"count_dir": str(tmp / "count")},
+             space={"n": {"type": "float", "low": 0.0, "high": 0.3},
+                    "lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True}},
+             objectives=["acc", "asr"], sampler="tpe", n_trials=8, parallelism=2, tune_on=[{"attack": "badnets"}])
     for k, v in kw.items():
-        if k == "params":
-            raw["params"] = {**raw["params"], **v}
-        else:
-            raw[k] = v
-    spec = parse_spec(raw)
-    seed_models(spec)
-    return spec
+        t[k] = {**t["params"], **v} if k == "params" else v
+    return t
 
 
-def seed_models(spec) -> None:
-    """Put the module's badnets model into the tuner's model cache for every cell of the spec.
-    ``synthetic_garbled`` has the same training split as ``synthetic`` (only its reported test
-    split differs), so the same weights are exactly what training on it would give."""
-    from grid.tune import model_path
+def write_spec(path: Path, d: dict):
+    """The spec file, loaded and validated as `bdgrid tune` does (no problem allowed)."""
+    from grid.spec import load_spec
+    from grid.validate import every_problem
 
-    state = _STATE["badnets"]
-    for c in spec.cells("tune_on") + spec.cells("report_on"):
-        assert c.attack == "badnets" and c.dataset_params == DATA and c.epochs == 3
-        p = model_path(spec, c)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, p)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(d))
+    ls, problems = load_spec(path)
+    problems = every_problem(ls, problems)
+    assert not problems, [p.render(ls.file) for p in problems]
+    return ls
+
+
+def tune_in_process(ls, out: Path) -> dict:
+    from grid.run import open_runner
+    from grid.tune.driver import Tuning, run_study, tune_plan
+
+    tu = Tuning(ls, out.resolve())
+    plan = tune_plan(tu)
+    runner = open_runner(ls, tu.out, plan, show_progress=False)
+    try:
+        s = run_study(tu, runner, plan, say=lambda m: None)
+    finally:
+        res = runner.close()
+    s["res"], s["tuning"] = res, tu
+    return s
 
 
 def n_prepare_calls(tmp: Path) -> int:
@@ -102,152 +103,243 @@ def n_prepare_calls(tmp: Path) -> int:
     return len(list(d.iterdir())) if d.exists() else 0
 
 
-def states(spec) -> dict:
-    from grid.tune_study import counts, open_study
+def executed(out: Path) -> Counter:
+    """(kind, key) -> how many times the stage ran, from <out>/executed.log."""
+    f = out / "executed.log"
+    lines = f.read_text().splitlines() if f.exists() else []
+    return Counter((ln.split()[0], ln.split()[1]) for ln in lines)
 
-    return counts(open_study(spec))
+
+def kinds(c: Counter) -> Counter:
+    out: Counter = Counter()
+    for (kind, _), n in c.items():
+        out[kind] += n
+    return out
 
 
 # ----------------------------------------------------------------------------- in-process studies
 
-def test_small_study_records_all_trials_and_shares_prepare(model_state, ray_address, tmp_path):
+def test_small_study_records_all_trials_and_shares_prepare(ray_address, artifacts, tmp_path):
     import results
-    from grid import tune, tune_best, tune_study
-    from grid.spec import read_params_from  # the grid's reader of params_from files
+    from grid.spec import DefenseSpec, read_params_from
+    from grid.tune.driver import choose
+    from grid.tune.plots import write_plots
 
-    spec = make_spec(tmp_path)
-    s = tune.run_study(spec)
+    ls = write_spec(tmp_path / "t.yaml", grid_dict("s", artifacts, tune=probe_tune(tmp_path)))
+    s = tune_in_process(ls, tmp_path / "out")
+    tu = s["tuning"]
     assert s["counts"]["complete"] == 8 and s["counts"]["running"] == 0 and s["counts"]["fail"] == 0
     assert sorted(s["told"]) == list(range(8))
     # Stages "1a/1b" (prepare) ran once for the one model: only n and lr were tuned
-    assert s["n_prepare"] == 1 and n_prepare_calls(tmp_path) == 1
-    assert len(list((spec.out_dir() / "prepared").glob("*.pt"))) == 1  # checkpointed for resume/evaluation
+    assert n_prepare_calls(tmp_path) == 1 and kinds(executed(tu.out))["prepare"] == 1
+    study = tu.open()
+    # trial 0 is the defense's defaults: every study has its baseline
+    assert study.trials[0].params == {"n": 0.1, "lr": 0.01} and study.trials[0].user_attrs["bdgrid_default"]
+    assert study.metric_names == ["acc", "asr"]  # named for optuna-dashboard
 
-    study = tune_study.open_study(spec)
-    rows = results.load(spec.out_dir(), table="trials")
+    rows = results.load(tu.dir, table="trials")
     assert len(rows) == 8 and set(rows["split"]) == {"val"} and set(rows["tuned_on"]) == {"badnets"}
-    by_trial = {json.loads(e)["trial"]: r for e, (_, r) in zip(rows["extra"], rows.iterrows())}
     for t in study.trials:
-        assert by_trial[t.number]["acc"] == pytest.approx(t.values[0])
-        assert by_trial[t.number]["asr"] == pytest.approx(t.values[1])
-    # the Pareto set is non-dominated and the chosen trial is on it
-    best = tune_best.load_best(s["best"])
-    pareto = {p["trial"] for p in best["pareto"]}
-    assert best["trial"] in pareto and best["tuned_on"] == ["badnets"] and best["defense"] == "tune_probe"
-    for t in study.trials:
-        if t.number in pareto:
-            continue
-        assert any(study.trials[p].values[0] >= t.values[0] and study.trials[p].values[1] <= t.values[1]
-                   for p in pareto)
-    assert set(best["params"]) == {"count_dir", "n", "lr"}
+        r = rows[rows["trial"] == t.number].iloc[0]
+        assert r["acc"] == pytest.approx(t.values[0]) and r["asr"] == pytest.approx(t.values[1])
+        assert r["acc_lo"] <= r["acc"] <= r["acc_hi"] and r["n_clean"] == 100  # 20% of 500 test images
+    # a trial's eval scored the validation split only: its rows in the run's results are val rows
+    evals = set(rows["eval_key"])
+    res = results.load(tu.out)
+    assert set(res[res["key"].isin(evals)]["split"]) == {"val"}
 
-    class D:  # what the grid spec's defense entry holds
-        name, params_from = "tune_probe", s["best"]
+    doc, path = choose(tu, study)
+    pareto = {p["trial"] for p in doc["pareto"]}
+    assert doc["trial"] in pareto and doc["tuned_on"] == ["badnets"] and doc["defense"] == "tune_probe"
+    for t in study.trials:  # the Pareto set is non-dominated
+        if t.number not in pareto:
+            assert any(study.trials[p].values[0] >= t.values[0] and study.trials[p].values[1] <= t.values[1]
+                       for p in pareto)
+    lo, hi = doc["interval"]["acc"]
+    assert lo <= doc["values"]["acc"] <= hi and doc["interval"]["n_images"] == 100
+    assert set(doc["params"]) == {"count_dir", "n", "lr"}
+    params, problem = read_params_from(ls, DefenseSpec(name="tune_probe", params_from=str(path)))
+    assert problem is None and params == doc["params"]
 
-    class L:
-        base_dir = Path("/")
-
-    params, problem = read_params_from(L, D)
-    assert problem is None and params == best["params"]
-
-    paths = tune.write_plots(spec, study)
+    paths = write_plots(ls.spec.tune, study, tu.dir / "plots")
     names = {p.name for p in paths}
-    assert {"history-acc.png", "history-asr.png", "pareto.png"} <= names
-    assert any(n.startswith("importance-") for n in names)
+    assert {"history-acc.png", "history-asr.png", "pareto.png", "importance-acc.png"} <= names
     assert all(p.stat().st_size > 1000 for p in paths)
 
-    # a rerun of a finished study asks nothing more (resume never double-counts)
-    again = tune.run_study(spec)
-    assert again["told"] == [] and again["counts"]["complete"] == 8
+    # a rerun of a finished study asks nothing more and runs no stage
+    again = tune_in_process(ls, tmp_path / "out")
+    assert again["told"] == [] and again["counts"]["complete"] == 8 and not again["res"].done
 
 
-def test_prepare_runs_once_per_distinct_shared_value(model_state, ray_address, tmp_path):
-    from grid import tune, tune_study
-
-    spec = make_spec(tmp_path, space={"n": {"type": "categorical", "choices": [0.0, 0.2]},
-                                      "lr_un": {"type": "categorical", "choices": [1e-3, 3e-3]}},
-                     sampler="grid", n_trials=4, objectives=["der"])
-    s = tune.run_study(spec)
+def test_prepare_runs_once_per_distinct_shared_value(ray_address, artifacts, tmp_path):
+    t = probe_tune(tmp_path, space={"n": {"type": "categorical", "choices": [0.0, 0.2]},
+                                    "lr_un": {"type": "categorical", "choices": [1e-3, 3e-3]}},
+                   sampler="grid", n_trials=4, objectives=["der"], default_first=False)
+    s = tune_in_process(write_spec(tmp_path / "t.yaml", grid_dict("p", artifacts, tune=t)), tmp_path / "out")
     assert s["counts"]["complete"] == 4
-    assert s["n_prepare"] == 2 and n_prepare_calls(tmp_path) == 2  # one per lr_un value, not per trial
-    seen = sorted((t.params["n"], t.params["lr_un"]) for t in tune_study.open_study(spec).trials)
+    assert n_prepare_calls(tmp_path) == 2  # one per lr_un value, not per trial
+    seen = sorted((x.params["n"], x.params["lr_un"]) for x in s["tuning"].open().trials)
     assert seen == [(0.0, 1e-3), (0.0, 3e-3), (0.2, 1e-3), (0.2, 3e-3)]
 
 
-def test_objectives_never_read_the_reported_test_split(model_state, ray_address, tmp_path):
+def test_objectives_never_read_the_reported_test_split(ray_address, artifacts, tmp_path):
     """Garble every image and label of the reported test split: the tuning objectives stay
-    bit-for-bit the same; the final (reported) evaluation does change, so the garbling bites."""
-    from defense.data import load_dataset
-    from defense.data.splits import val_test_indices
-    from grid import tune, tune_study, tune_tasks
+    bit-for-bit the same; the reported evaluation does change, so the garbling bites."""
+    import results
+    from grid.run import execute_plan
+    from grid.tune.driver import report_evals, tune_plan
 
-    kw = dict(space={"n": {"type": "categorical", "choices": [0.0, 0.25]}}, sampler="grid", n_trials=2,
-              objectives=["acc", "asr"], params={"epochs": 1})
-    clean = make_spec(tmp_path / "a", study="clean", **kw)
-    garbled = make_spec(tmp_path / "b", study="garbled", base={**BASE, "dataset": "synthetic_garbled"}, **kw)
-
-    # what a trial task receives holds validation indices only
-    inp = tune_tasks.build_inputs(garbled.cells()[0], _STATE["badnets"])
-    val_idx, test_idx = val_test_indices(DATA["n_test"], 0.2, seed=0)
-    assert torch.equal(inp.val_idx, val_idx) and not set(inp.val_idx.tolist()) & set(test_idx.tolist())
-    _, test = load_dataset("synthetic", **DATA)
-    assert torch.equal(inp.val.x, test.x[val_idx]) and torch.equal(inp.val.y, test.y[val_idx])
-
-    values = {}
-    for spec in (clean, garbled):
-        tune.run_study(spec)
-        values[spec.study] = {t.params["n"]: t.values for t in tune_study.open_study(spec).trials}
-    assert values["clean"] == values["garbled"] and len(values["clean"]) == 2, values
-
-    rep = {spec.study: tune.evaluate_on_test(spec, {"tuned": {"n": 0.0, "epochs": 0}})[0] for spec in (clean, garbled)}
+    t = probe_tune(tmp_path, space={"n": {"type": "categorical", "choices": [0.0, 0.25]}}, sampler="grid",
+                   n_trials=2, params={"epochs": 1}, default_first=False)
+    values, reported = {}, {}
+    for ds in ("synthetic", "synthetic_garbled"):
+        ls = write_spec(tmp_path / f"{ds}.yaml", grid_dict(ds, artifacts, dataset=ds, tune=t))
+        s = tune_in_process(ls, tmp_path / ds)
+        values[ds] = {x.params["n"]: x.values for x in s["tuning"].open().trials}
+        plan = tune_plan(s["tuning"])
+        [(_, _, key)] = report_evals(s["tuning"], plan, {"tuned": {"n": 0.0, "epochs": 0}})
+        execute_plan(ls, tmp_path / ds, plan=plan, show_progress=False)
+        df = results.load(tmp_path / ds)
+        reported[ds] = df[(df["key"] == key) & (df["split"] == "test")].iloc[0]
+    assert values["synthetic"] == values["synthetic_garbled"] and len(values["synthetic"]) == 2, values
     # the reported split really is garbage there: random labels give chance-level accuracy
-    assert rep["garbled"]["acc"] < 0.2 and rep["garbled"]["bd_acc"] < 0.2
-    assert (rep["clean"]["acc"], rep["clean"]["bd_acc"]) != (rep["garbled"]["acc"], rep["garbled"]["bd_acc"])
+    assert reported["synthetic_garbled"]["acc"] < 0.2 and reported["synthetic_garbled"]["bd_acc"] < 0.2
+    assert reported["synthetic"]["bd_acc"] != reported["synthetic_garbled"]["bd_acc"]
 
 
-def test_failed_trial_is_recorded_and_bounded(model_state, ray_address, tmp_path):
-    from grid import tune, tune_study
-
-    spec = make_spec(tmp_path, space={"n": {"type": "categorical", "choices": [0.0, 0.5]}}, sampler="grid",
-                     n_trials=2, max_failures=1, params={"fail_above": 0.3, "epochs": 0})
-    s = tune.run_study(spec)
+def test_failed_trial_is_recorded_and_bounded(ray_address, artifacts, tmp_path):
+    t = probe_tune(tmp_path, space={"n": {"type": "categorical", "choices": [0.0, 0.5]}}, sampler="grid",
+                   n_trials=2, max_failures=1, params={"fail_above": 0.3, "epochs": 0}, default_first=False)
+    s = tune_in_process(write_spec(tmp_path / "t.yaml", grid_dict("f", artifacts, retries=0, tune=t)), tmp_path / "o")
     assert s["counts"]["complete"] == 1 and s["counts"]["fail"] == 1 and len(s["failed"]) == 1
-    t = tune_study.open_study(spec).trials[s["failed"][0]]
-    assert t.params["n"] == 0.5 and "fail_above" in t.user_attrs["bdgrid_fail_reason"]
+    x = s["tuning"].open().trials[s["failed"][0]]
+    assert x.params["n"] == 0.5 and "fail_above" in x.user_attrs["bdgrid_fail_reason"]
+    # the grid's failure file, in plain text
+    [f] = (tmp_path / "o" / "failures").glob("defense-*.txt")
+    assert "fail_above" in f.read_text() and "\x1b[" not in f.read_text()
+
+
+def test_dead_worker_is_retried_by_the_grid_retry_path(ray_address, artifacts, tmp_path):
+    t = probe_tune(tmp_path, space={"n": {"type": "categorical", "choices": [0.1]}}, sampler="grid", n_trials=1,
+                   params={"die_once_dir": str(tmp_path / "die"), "epochs": 0}, default_first=False)
+    s = tune_in_process(write_spec(tmp_path / "t.yaml", grid_dict("d", artifacts, retries=1, tune=t)), tmp_path / "o")
+    assert (tmp_path / "die" / "died").exists()  # the first attempt's worker died
+    assert s["counts"]["complete"] == 1 and not s["res"].failed
+    assert kinds(executed(tmp_path / "o"))["defense"] == 1  # the dead attempt logged nothing; the retry ran it
 
 
 @pytest.mark.skipif(not os.environ.get("BDGRID_TEST_PG_URL"),
                     reason="BDGRID_TEST_PG_URL unset (.ci/run starts PostgreSQL and sets it)")
-def test_postgresql_storage(model_state, ray_address, tmp_path):
+def test_postgresql_storage(ray_address, artifacts, tmp_path):
     import optuna
-    from grid import tune
 
     url = os.environ["BDGRID_TEST_PG_URL"]
     name = f"bdgrid-test-{uuid.uuid4().hex[:8]}"
-    spec = make_spec(tmp_path, study=name, storage=url, n_trials=3, params={"epochs": 0})
+    t = probe_tune(tmp_path, study=name, storage=url, n_trials=3, params={"epochs": 0})
     try:
-        s = tune.run_study(spec)
+        s = tune_in_process(write_spec(tmp_path / "t.yaml", grid_dict("pg", artifacts, tune=t)), tmp_path / "o")
         assert s["counts"]["complete"] == 3
         study = optuna.load_study(study_name=name, storage=url)  # read back through a fresh connection
-        assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 3
+        assert len([x for x in study.trials if x.state.name == "COMPLETE"]) == 3
         assert study.user_attrs["defense"] == "tune_probe"
     finally:
         optuna.delete_study(study_name=name, storage=url)
 
 
+# ----------------------------------------------------------------------------- one engine: reuse across commands
+
+def test_run_then_tune_trains_nothing_and_params_from_reuses_the_prepare(ray_address, tmp_path):
+    """`bdgrid run` then `bdgrid tune` over the same cells: no attack or resource stage again;
+    a grid using the tune's best.yaml: no prepare stage again."""
+    from grid.run import execute_plan
+    from grid.spec import load_spec
+    from grid.tune.driver import choose
+
+    art = str(tmp_path / "artifacts")  # its own store: the counts below start from nothing
+    out = tmp_path / "run"
+    t = probe_tune(tmp_path, n_trials=3, params={"epochs": 0}, sampler="random")
+    ls = write_spec(tmp_path / "g.yaml", grid_dict("g", art, attacks=("badnets", "blended"), out=str(out),
+                                                   defenses=["none", {"name": "tune_probe",
+                                                                      "params": {"count_dir": str(tmp_path / "count"),
+                                                                                 "epochs": 0}}], tune=t))
+    res = execute_plan(ls, out, show_progress=False)
+    assert res.ok
+    ran = kinds(executed(out))
+    assert ran["attack"] == 2 and ran["prepare"] == 2
+    s = tune_in_process(ls, out)
+    assert s["counts"]["complete"] == 3
+    after = kinds(executed(out))
+    assert after["attack"] == 2 and after["resource"] == ran["resource"]  # zero model trainings in the tune
+    assert after["prepare"] == 2  # the tune's Stages 1a/1b are the grid's
+    _, best = choose(s["tuning"])
+    g2 = grid_dict("g2", art, out=str(out), defenses=[{"name": "tune_probe", "params_from": str(best),
+                                                       "label": "tuned"}])
+    ls2 = write_spec(tmp_path / "g2.yaml", g2)
+    assert execute_plan(ls2, out, show_progress=False).ok
+    assert kinds(executed(out))["prepare"] == 2 and kinds(executed(out))["attack"] == 2
+    assert load_spec(tmp_path / "g2.yaml")[0].spec.defenses[0].params_from == str(best)
+
+
+def test_trial_grid_and_tune_agree_on_the_model(ray_address, tmp_path):
+    """One cell through `bdgrid trial`, a one-cell grid and a one-cell tune: the same backdoored-model
+    key and the same before-defense numbers."""
+    import results
+    from defense.trial import TrialConfig, run_trial
+    from grid.plan import build_plan, trial_model_key
+    from grid.run import execute_plan
+
+    art = str(tmp_path / "artifacts")
+    cfg = TrialConfig(dataset_params=DATA, epochs=3)  # every other field at its default
+    ls = write_spec(tmp_path / "g.yaml", dict(name="one", datasets=[{"name": "synthetic", "params": DATA}],
+                                              archs=["tiny_cnn"], attacks=["badnets"], epochs=3, artifacts=art,
+                                              imports=["test_tune_plugins"],
+                                              tune=probe_tune(tmp_path, n_trials=1, params={"epochs": 0})))
+    [grid_key] = [s.key for s in build_plan(ls).of_kind("attack")]
+    assert trial_model_key(cfg) == grid_key
+    assert execute_plan(ls, tmp_path / "g", show_progress=False).ok
+    df = results.load(tmp_path / "g")
+    none = df[(df["defense"] == "none") & (df["split"] == "test")].iloc[0]
+    s = tune_in_process(ls, tmp_path / "t")  # the same artifact store: the tune trains nothing
+    assert kinds(executed(tmp_path / "t"))["attack"] == 0 and s["counts"]["complete"] == 1
+    import torch
+
+    torch.set_num_threads(1)  # as the grid's stage task (cpus: 1): the same float order
+    trial = run_trial(cfg)
+    for k in ("acc", "asr", "ra"):
+        assert trial[f"bd_{k}"] == pytest.approx(float(none[f"bd_{k}"]), abs=1e-9), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attack", [{"name": "inputaware", "params": {"mask_epochs": 1, "width": 8}},
+                                    {"name": "lf", "params": {"steps": 5, "ref_epochs": 1}}],
+                         ids=["inputaware", "lf"])
+def test_tuner_scores_the_bytes_the_grid_scores(ray_address, tmp_path, attack):
+    """For attacks with trained resources, the backdoor validation images a tuning trial scores are
+    byte-identical to those of the grid's own eval of that cell (sha256 digest in every row)."""
+    import results
+    from grid.run import execute_plan
+
+    art = str(tmp_path / "artifacts")
+    ls = write_spec(tmp_path / "g.yaml", grid_dict("b", art, attacks=(attack,), epochs=1,
+                                                   tune=probe_tune(tmp_path, n_trials=1, params={"epochs": 0},
+                                                                   tune_on=[{"attack": attack["name"]}])))
+    assert execute_plan(ls, tmp_path / "o", show_progress=False).ok
+    tune_in_process(ls, tmp_path / "o")
+    df = results.load(tmp_path / "o")
+    val = df[df["split"] == "val"]
+    digests = set(val["bd_digest"])
+    assert len(digests) == 1 and len(val) >= 2, val[["defense", "bd_digest"]]
+    assert set(df[df["split"] == "test"]["bd_digest"]) != digests  # the test split's images are others
+    assert kinds(executed(tmp_path / "o"))["attack"] == 1
+
+
 # ----------------------------------------------------------------------------- separate driver processes
 
-def write_spec_file(spec, path: Path) -> Path:
-    import yaml
-
-    path.write_text(yaml.safe_dump(json.loads(spec.model_dump_json())))
-    return path
-
-
-def driver(spec_file: Path, address: str) -> subprocess.Popen:
+def driver(spec_file: Path, out: Path, address: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([str(BIN), "tune", str(spec_file), "--address", address, "--json"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen([str(BIN), "tune", str(spec_file), "--out", str(out), "--address", address, "--json"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def summary_of(p: subprocess.Popen, timeout: float = 300) -> dict:
@@ -257,98 +349,61 @@ def summary_of(p: subprocess.Popen, timeout: float = 300) -> dict:
 
 
 @pytest.mark.slow
-def test_two_drivers_on_one_journal_lose_no_trial(model_state, ray_address, tmp_path):
-    from grid import tune_study
-
-    spec = make_spec(tmp_path, n_trials=6, sampler="random", params={"epochs": 0, "sleep_s": 0.5})
-    f = write_spec_file(spec, tmp_path / "tune.yaml")
-    a, b = driver(f, ray_address), driver(f, ray_address)
+def test_two_drivers_on_one_journal_lose_no_trial(ray_address, artifacts, tmp_path):
+    t = probe_tune(tmp_path, n_trials=6, sampler="random", params={"epochs": 0, "sleep_s": 0.5},
+                   storage=str(tmp_path / "shared.journal"))
+    f = tmp_path / "t.yaml"
+    ls = write_spec(f, grid_dict("two", artifacts, tune=t))
+    a, b = driver(f, tmp_path / "a", ray_address), driver(f, tmp_path / "b", ray_address)
     sa, sb = summary_of(a), summary_of(b)
-    study = tune_study.open_study(spec)
-    complete = {t.number for t in study.trials if t.state.name == "COMPLETE"}
+    from grid.tune.driver import Tuning
+
+    study = Tuning(ls, tmp_path / "a").open()
+    complete = {x.number for x in study.trials if x.state.name == "COMPLETE"}
     assert not set(sa["told"]) & set(sb["told"])  # each trial told by exactly one driver
     assert set(sa["told"]) | set(sb["told"]) == complete  # and every told trial is in the storage
-    assert len(complete) >= 6 and states(spec)["running"] == 0
+    assert len(complete) >= 6 and not [x for x in study.trials if x.state.name == "RUNNING"]
     assert len(study.trials) == len(complete)  # nothing lost, nothing left half-done
 
 
 @pytest.mark.slow
-def test_killed_study_resumes_without_losing_or_double_counting(model_state, ray_address, tmp_path):
-    from grid import tune, tune_study
+def test_killed_study_resumes_without_losing_or_double_counting(ray_address, artifacts, tmp_path):
+    from grid.tune.driver import Tuning
 
-    spec = make_spec(tmp_path, n_trials=6, sampler="random", params={"epochs": 0, "sleep_s": 4.0})
-    f = write_spec_file(spec, tmp_path / "tune.yaml")
-    p = driver(f, ray_address)
+    t = probe_tune(tmp_path, n_trials=6, sampler="random", params={"epochs": 0, "sleep_s": 4.0})
+    f = tmp_path / "t.yaml"
+    ls = write_spec(f, grid_dict("kill", artifacts, tune=t))
+    out = tmp_path / "out"
+    tu = Tuning(ls, out.resolve())
+    p = driver(f, out, ray_address)
     deadline = time.time() + 240
     while time.time() < deadline:  # wait until some trials are done and others in flight
         time.sleep(1)
-        if Path(spec.storage_url()).exists():
-            c = states(spec)
-            if c["complete"] >= 2 and c["running"] >= 1:
+        if Path(tu.storage).exists():
+            st = Counter(x.state.name for x in tu.open().trials)
+            if st["COMPLETE"] >= 2 and st["RUNNING"] >= 1:
                 break
         assert p.poll() is None, p.communicate()[1][-3000:]
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
-    study = tune_study.open_study(spec)
-    done_before = {t.number: t.values for t in study.trials if t.state.name == "COMPLETE"}
-    orphans = {t.number: t.params for t in study.trials if t.state.name == "RUNNING"}
+    study = tu.open()
+    done_before = {x.number: x.values for x in study.trials if x.state.name == "COMPLETE"}
+    orphans = {x.number: x.params for x in study.trials if x.state.name == "RUNNING"}
     assert len(done_before) >= 2 and orphans
-
     assert n_prepare_calls(tmp_path) == 1
-    s = tune.run_study(spec)  # the rerun (same spec, same journal)
-    assert s["n_prepare"] == 0 and n_prepare_calls(tmp_path) == 1  # Stages "1a/1b" read back from disk
-    study = tune_study.open_study(spec)
-    by_number = {t.number: t for t in study.trials}
+
+    s = tune_in_process(ls, out)  # the rerun (same spec, same journal, same run folder)
+    assert n_prepare_calls(tmp_path) == 1  # Stages "1a/1b" read back from the store
+    ran = executed(out)
+    assert all(n == 1 for (kind, _), n in ran.items() if kind != "data"), ran  # no finished stage ran twice
+    study = tu.open()
+    by_number = {x.number: x for x in study.trials}
     assert sorted(s["recovered"]) == sorted(orphans)
     for n, vals in done_before.items():  # no COMPLETE trial lost or changed
         assert by_number[n].state.name == "COMPLETE" and by_number[n].values == vals
     for n in orphans:  # killed trials failed, their parameters re-run
         assert by_number[n].state.name == "FAIL"
-        retry = [t for t in study.trials if t.user_attrs.get("bdgrid_retry_of") == n]
+        retry = [x for x in study.trials if x.user_attrs.get("bdgrid_retry_of") == n]
         assert len(retry) == 1 and retry[0].state.name == "COMPLETE" and retry[0].params == orphans[n]
-    assert states(spec)["complete"] == 6  # exactly the target: none double-counted
+    assert sum(x.state.name == "COMPLETE" for x in study.trials) == 6  # exactly the target: none double-counted
     assert len(s["told"]) == 6 - len(done_before)
-
-
-def test_tune_on_grid_cells_reuses_the_grid_store(model_state, ray_address, tmp_path):
-    """`grid:` in a tune spec: cells from the grid's expansion, models from its artifact store
-    (trained there by the grid runner when missing, then reused, never retrained)."""
-    import yaml
-
-    from grid import tune
-    from grid.plan import build_plan
-    from grid.run import artifact_root
-    from grid.spec import load_spec
-    from grid.store import ArtifactStore
-    from grid.tune_spec import SpecError, load_spec as load_tune
-
-    (tmp_path / "g.yaml").write_text(yaml.safe_dump(dict(
-        name="g", datasets=[{"name": "synthetic", "params": DATA}], archs=["tiny_cnn"], attacks=["badnets", "blended"],
-        pratios=[0.1], seeds=[0], defenses=["none"], recipe="fast", epochs=2)))
-    raw = dict(study="g", defense="tune_probe", imports=["test_tune_plugins"], grid="g.yaml",
-               grid_out=str(tmp_path / "gout"), params={"epochs": 0}, space={"n": {"low": 0.0, "high": 0.3}},
-               sampler="random", n_trials=2, out=str(tmp_path / "tune"), tune_on=[{"attack": "badnets"}])
-    (tmp_path / "t.yaml").write_text(yaml.safe_dump(raw))
-    spec = load_tune(tmp_path / "t.yaml")
-    [cell] = spec.cells()
-    assert (cell.attack, cell.epochs, cell.recipe, cell.dataset_params) == ("badnets", 2, "fast", DATA)
-
-    s = tune.run_study(spec)
-    assert s["counts"]["complete"] == 2
-    ls, _ = load_spec(tmp_path / "g.yaml")
-    store = ArtifactStore(artifact_root(ls, tmp_path / "gout"))
-    keys = {st.info["attack"]: st.key for st in build_plan(ls).of_kind("attack")}
-    assert store.exists("attack", keys["badnets"]) and not store.exists("attack", keys["blended"])
-    f = Path(store.path("attack", keys["badnets"]))
-    mtime = f.stat().st_mtime_ns
-    states = tune.ensure_models(spec, [cell])
-    stored = store.get("attack", keys["badnets"])["state"]
-    assert all(torch.equal(states[cell.key()][k], v) for k, v in stored.items())
-    assert f.stat().st_mtime_ns == mtime  # reused, not retrained
-
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**raw, "tune_on": [{"attack": "wanet"}, {"atack": "x"}]}))
-    with pytest.raises(SpecError) as e:
-        load_tune(tmp_path / "bad.yaml")
-    text = "\n".join(e.value.problems)
-    assert "tune_on[0]: {'attack': 'wanet'} matches no cell" in text
-    assert "tune_on[1].atack: not a cell axis of a grid (did you mean 'attack'?)" in text

@@ -37,6 +37,7 @@ class ProbeParams:
     count_dir: str = ""  # shared: prepare() writes one file here per call
     sleep_s: float = 0.0  # a slow defense, for the kill/resume test
     fail_above: float = 1.0  # raise when n > fail_above (failed-trial path)
+    die_once_dir: str = ""  # the first defense call that creates a marker here kills its worker (os._exit)
 
     def check(self):
         if not 0 <= self.n <= 1:
@@ -63,6 +64,13 @@ if "tune_probe" not in DEFENSES:
     def tune_probe(model, clean, p: ProbeParams, ctx):
         if p.n > p.fail_above:
             raise RuntimeError(f"probe: n={p.n} above fail_above={p.fail_above}")
+        if p.die_once_dir:  # a worker lost as an OOM kill loses it: Ray's retry must re-run the stage
+            Path(p.die_once_dir).mkdir(parents=True, exist_ok=True)
+            try:
+                os.close(os.open(Path(p.die_once_dir) / "died", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                os._exit(17)
+            except FileExistsError:
+                pass
         time.sleep(p.sleep_s)
         scores = ctx.prepared
         model = copy.deepcopy(model)

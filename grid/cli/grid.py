@@ -5,36 +5,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
-err = Console(stderr=True)
-
-
-def _fail(msg: str, code: int = 2):
-    err.print(f"[bold red]error:[/] {msg}", highlight=False)
-    raise typer.Exit(code)
-
-
-def _load(spec_file: str, gpus: float | None):
-    """Parse + validate; on problems print every one (file:line: path: message) and exit 2."""
-    from grid.spec import load_spec
-    from grid.validate import every_problem
-
-    ls, problems = load_spec(spec_file)
-    problems = every_problem(ls, problems, gpus)
-    if problems:
-        n = len(problems)
-        _fail(f"{n} problem{'s' if n > 1 else ''} in {spec_file}:\n  " + "\n  ".join(p.render(ls.file) for p in problems))
-    return ls
-
-
-def _local_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count()
-
+from grid.cli.common import console, err, fail, load_spec_or_exit, local_gpus, out_dir, ray_session
 
 def validate_cmd(
     spec_file: str = typer.Argument(..., help="Grid spec (YAML)."),
@@ -43,15 +16,11 @@ def validate_cmd(
     """Check a grid spec and report every problem with its line; exit 2 if there is any."""
     from grid.plan import build_plan
 
-    ls = _load(spec_file, _local_gpus() if gpus is None else gpus)
+    ls = load_spec_or_exit(spec_file, local_gpus() if gpus is None else gpus)
     plan = build_plan(ls)
     c = plan.counts()
     console.print(f"[green]ok[/]: {spec_file}: grid '{plan.grid}', {plan.cells} cells, "
                   + ", ".join(f"{v} {k}" for k, v in c.items() if v) + " stages")
-
-
-def _out_dir(ls, out: str | None) -> Path:
-    return Path(out or ls.spec.out or f"runs/{ls.spec.name}")
 
 
 def run_cmd(
@@ -70,17 +39,17 @@ def run_cmd(
     """Run a grid: every cell's backdoored model once, every defense on it, every evaluation.
     Resumes by default: finished stages are skipped, failed ones retried."""
     from grid.plan import build_plan
-    from grid.run import artifact_root, cluster_gpus, connect, execute_plan, needed_stages, paper_table
+    from grid.run import artifact_root, cluster_gpus, execute_plan, needed_stages, paper_table
     from grid.store import ArtifactStore
     from grid.validate import validate
 
-    ls = _load(spec_file, None)
-    out_dir = _out_dir(ls, out)
+    ls = load_spec_or_exit(spec_file, None)
+    out_path = out_dir(ls, out)
     if dry_run:
         plan = build_plan(ls)
-        store = ArtifactStore(artifact_root(ls, out_dir, artifacts))
-        need, done, corrupt = needed_stages(plan, store, out_dir)
-        t = Table(title=f"plan of grid '{plan.grid}': {plan.cells} cells -> {out_dir}")
+        store = ArtifactStore(artifact_root(ls, out_path, artifacts))
+        need, done, corrupt = needed_stages(plan, store, out_path, repair=False)  # a dry run changes nothing
+        t = Table(title=f"plan of grid '{plan.grid}': {plan.cells} cells -> {out_path}")
         for col in ("stage", "total", "done", "to run"):
             t.add_column(col, justify="left" if col == "stage" else "right")
         for kind, n in plan.counts().items():
@@ -89,21 +58,18 @@ def run_cmd(
                 t.add_row(kind, str(n), str(sum(k in done for k in keys)), str(sum(k in need for k in keys)))
         console.print(t)
         if corrupt:
-            console.print(f"[yellow]{len(corrupt)} corrupt artifact(s) deleted; they will be recomputed[/]")
+            console.print(f"[yellow]{len(corrupt)} corrupt artifact(s); a run will recompute them[/]")
         return
-    try:
-        started = connect(address, num_cpus)
-    except (ConnectionError, ValueError) as e:
-        _fail(str(e))
+    started = ray_session(address, num_cpus)
     try:
         if gpu_check:
             problems = [p for p in validate(ls, gpus_available=cluster_gpus()) if p.path[:1] == ("resources",)]
             if problems:
-                _fail("\n  ".join(p.render(ls.file) for p in problems))
-        if started and address and "://" not in artifact_root(ls, out_dir, artifacts):
+                fail("\n  ".join(p.render(ls.file) for p in problems))
+        if started and address and "://" not in artifact_root(ls, out_path, artifacts):
             err.print("[yellow]note:[/] artifacts go to a local path; on a multi-node cluster it must be shared "
                       "(NFS) or a URI (--artifacts s3://...)")
-        res = execute_plan(ls, out_dir, artifacts=artifacts, show_progress=not quiet, console=console)
+        res = execute_plan(ls, out_path, artifacts=artifacts, show_progress=not quiet, console=console)
     finally:
         if started:
             import ray
@@ -129,14 +95,8 @@ def status_cmd(out: str = typer.Option(..., "--out", "-o", help="The output fold
 
     st = read_state(out)
     if st is None:
-        _fail(f"no grid state in {out} (expected {Path(out) / 'state.json'}; has `bdgrid run` started there?)")
+        fail(f"no grid state in {out} (expected {Path(out) / 'state.json'}; has `bdgrid run` started there?)")
     render(st, console)
     from grid.run import paper_table
 
     print(paper_table(Path(out), grid=st.get("grid")))
-
-
-def register(app: typer.Typer) -> None:
-    app.command("run")(run_cmd)
-    app.command("validate")(validate_cmd)
-    app.command("status")(status_cmd)

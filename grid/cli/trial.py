@@ -1,48 +1,15 @@
-"""The ``bdgrid`` command line. Each command lives next to what it drives; this file wires them."""
+"""``bdgrid trial``: one backdoored model and one defense, in this process (no Ray)."""
 from __future__ import annotations
 
 import json
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="bdgrid: attack-by-defense experiment grids for backdoor-defense research.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-console = Console()
-err = Console(stderr=True)
+from grid.cli.common import console, fail, parse_params
 
 
-@app.callback()
-def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what is happening at INFO level.")):
-    """bdgrid: attack-by-defense experiment grids for backdoor-defense research."""
-    import logging
-
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-
-def fail(msg: str, code: int = 2) -> None:
-    """A user error: say what is wrong and exit, no traceback."""
-    err.print(f"[bold red]error:[/] {msg}")
-    raise typer.Exit(code)
-
-
-def parse_params(items: list[str] | None) -> dict:
-    """``--param k=v`` pairs -> dict; values parsed as YAML scalars (numbers, booleans, lists)."""
-    import yaml
-
-    out = {}
-    for it in items or []:
-        if "=" not in it:
-            fail(f"--param expects key=value, got '{it}'")
-        k, v = it.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
-
-
-@app.command()
 def trial(
     dataset: str = typer.Option("synthetic", help="Dataset name: synthetic (generated), cifar10, cifar100, gtsrb, tiny-imagenet, mnist, or your own."),
     arch: str = typer.Option("tiny_cnn", help="Model architecture: preact_resnet18, vgg19_bn, vit, tiny_cnn."),
@@ -55,7 +22,8 @@ def trial(
     attack_param: Optional[List[str]] = typer.Option(None, "--attack-param", help="Attack parameter key=value (repeatable)."),
     data_param: Optional[List[str]] = typer.Option(None, "--data-param", help="Dataset parameter key=value, e.g. n_train=4000."),
     data_root: Optional[str] = typer.Option(None, help="Folder with the dataset's standard files (not needed for synthetic)."),
-    recipe: str = typer.Option("fast", help="Training recipe: paper (BackdoorBench protocol) or fast."),
+    # the one default of trials, grids and tunes (defense.trial.TrialConfig, grid.spec.GridSpec)
+    recipe: str = typer.Option("fast", help="Training recipe: fast (default) or paper (BackdoorBench protocol)."),
     epochs: Optional[int] = typer.Option(None, help="Override the recipe's number of attack-training epochs."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:1, or auto (GPU when there is one)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
@@ -67,7 +35,7 @@ def trial(
     cfg = TrialConfig(dataset=dataset, arch=arch, attack=attack, pratio=pratio, target=target, seed=seed,
                       defense=defense, defense_params=parse_params(param), attack_params=parse_params(attack_param),
                       dataset_params=parse_params(data_param), data_root=data_root, recipe=recipe, epochs=epochs,
-                      device=device, progress=not as_json)
+                      device=device, progress=True)  # progress goes to stderr; --json owns stdout
     problems = check_trial(cfg)
     if problems:
         fail("\n  " + "\n  ".join(problems))
@@ -77,7 +45,10 @@ def trial(
         fail(str(e))
     keys = ["bd_acc", "bd_asr", "bd_ra", "acc", "asr", "ra", "der"]
     if as_json:
-        print(json.dumps({**{k: res[k] for k in keys}, "n_poison": res["n_poison"], "wall_s": res["wall_s"],
+        from grid.plan import trial_model_key
+
+        print(json.dumps({**{k: res[k] for k in keys}, "model_key": trial_model_key(cfg),
+                          "n_poison": res["n_poison"], "wall_s": res["wall_s"],
                           "device": res["device"], "config": res["config"], "diagnostics": res["diagnostics"]},
                          default=str))
         return
@@ -120,30 +91,3 @@ def check_trial(cfg) -> list[str]:
     if bad_device:
         problems.append(bad_device)
     return problems
-
-
-from grid.grid_cli import register as _register_grid  # noqa: E402  (bdgrid run / validate / status)
-
-_register_grid(app)
-
-from results.results_cli import plot as _plot, table as _table  # noqa: E402  (bdgrid table / plot)
-
-app.command("table")(_table)
-app.command("plot")(_plot)
-
-
-from grid.tune_cli import tune as _tune  # noqa: E402
-
-app.command("tune")(_tune)
-
-from grid.attacks_cli import attacks_app as _attacks_app  # noqa: E402  (bdgrid attacks list / preview)
-
-app.add_typer(_attacks_app, name="attacks")
-
-
-def main():  # pragma: no cover
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

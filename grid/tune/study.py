@@ -1,12 +1,20 @@
-"""The Optuna side of ``bdgrid tune``: storage, sampler, study, and resuming a dead driver's trials.
+"""The Optuna side of ``bdgrid tune``: storage, sampler, opening a study, and resuming a dead
+driver's trials -- with Optuna's public API only.
 
-Resume: every trial the driver asks carries a ``bdgrid_owner`` user attribute (host, pid, process
-start time) and a heartbeat. ``recover`` fails the RUNNING trials whose owner process is gone
-(same host) or whose heartbeat is older than ``stale_after_s`` (other hosts) and re-enqueues
-their parameters; COMPLETE trials are never touched.
+Liveness: Optuna records heartbeats (``heartbeat_interval`` of ``RDBStorage``, read by
+``optuna.storages.fail_stale_trials`` and ``RetryFailedTrialCallback``) only from inside
+``study.optimize``; under ask/tell, which the driver needs to run trials as Ray stages, no
+public API beats for a trial, and a journal file has no heartbeat at all. So every trial the
+driver asks carries a ``bdgrid_owner`` user attribute (host, pid, process start time) and a
+``bdgrid_heartbeat`` time it refreshes with ``Trial.set_user_attr``; ``recover`` fails the
+RUNNING trials whose owner process is gone (same host) or whose heartbeat is older than
+``stale_after_s`` (other hosts) with ``study.tell(number, state=FAIL)`` and re-enqueues their
+parameters (``study.enqueue_trial``), as ``RetryFailedTrialCallback`` would. COMPLETE trials
+are never touched.
 
-Sources: ``JournalStorage(JournalFileBackend(path))`` and ``RDBStorage`` (Optuna storages
-reference); TPE's ``constant_liar`` for parallel asks (Optuna docs, TPESampler).
+Sources: Optuna reference -- ``JournalStorage(JournalFileBackend(path))``, ``RDBStorage``,
+``Study.tell`` (accepts a trial number), ``Study.enqueue_trial``, ``Study.set_metric_names``,
+``TPESampler(constant_liar=True)`` for parallel asks.
 """
 from __future__ import annotations
 
@@ -15,7 +23,7 @@ import socket
 import time
 from pathlib import Path
 
-from grid.tune_spec import TuneSpec, grid_values
+from grid.tune.space import TuneBlock, grid_values
 
 OWNER_ATTR = "bdgrid_owner"
 HEARTBEAT_ATTR = "bdgrid_heartbeat"
@@ -33,23 +41,23 @@ def open_storage(url: str):
     return optuna.storages.JournalStorage(JournalFileBackend(str(url)))
 
 
-def make_sampler(spec: TuneSpec):
+def make_sampler(t: TuneBlock):
     import optuna
 
-    s = spec.sampler
+    s = t.sampler
     if s == "tpe":
         # constant_liar: parallel trials in flight are treated as bad results so that TPE does not
-        # propose the same point `parallelism` times (Optuna docs, TPESampler).
-        return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, constant_liar=True,
-                                          n_startup_trials=min(10, max(2, spec.n_trials // 3)))
+        # propose the same point `parallelism` times (Optuna docs, TPESampler)
+        return optuna.samplers.TPESampler(seed=t.seed, multivariate=True, constant_liar=True,
+                                          n_startup_trials=min(10, max(2, t.n_trials // 3)))
     if s == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=spec.seed, population_size=max(4, min(50, spec.n_trials // 2)))
+        return optuna.samplers.NSGAIISampler(seed=t.seed, population_size=max(4, min(50, t.n_trials // 2)))
     if s == "grid":
-        return _AskTellGridSampler({n: grid_values(d) for n, d in spec.space.items()}, seed=spec.seed)
-    return optuna.samplers.RandomSampler(seed=spec.seed)
+        return _ask_tell_grid_sampler()({n: grid_values(d) for n, d in t.space.items()}, seed=t.seed)
+    return optuna.samplers.RandomSampler(seed=t.seed)
 
 
-def _grid_sampler_class():
+def _ask_tell_grid_sampler():
     import optuna
 
     class AskTellGridSampler(optuna.samplers.GridSampler):
@@ -67,27 +75,28 @@ def _grid_sampler_class():
     return AskTellGridSampler
 
 
-def _AskTellGridSampler(*a, **kw):
-    return _grid_sampler_class()(*a, **kw)
+def open_study(t: TuneBlock, study_name: str, storage_url: str, tuned_on: list[str]):
+    """Create or load the study; its objectives are named for optuna-dashboard."""
+    import warnings
 
-
-def open_study(spec: TuneSpec, storage=None):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = storage if storage is not None else open_storage(spec.storage_url())
-    study = optuna.create_study(storage=storage, study_name=spec.study, sampler=make_sampler(spec),
-                                directions=spec.directions(), load_if_exists=True)
+    study = optuna.create_study(storage=open_storage(storage_url), study_name=study_name, sampler=make_sampler(t),
+                                directions=t.directions(), load_if_exists=True)
     have = [d.name.lower() for d in study.directions]
-    if have != spec.directions():
-        raise ValueError(f"study '{spec.study}' exists with directions {have}, the spec asks {spec.directions()}; "
+    if have != t.directions():
+        raise ValueError(f"study '{study_name}' exists with directions {have}, the spec asks {t.directions()}; "
                          f"use another study name")
     if "defense" not in study.user_attrs:
-        study.set_user_attr("defense", spec.defense)
-        study.set_user_attr("objectives", spec.objectives)
-        study.set_user_attr("tuned_on", spec.tuned_on())
-    elif study.user_attrs["defense"] != spec.defense:
-        raise ValueError(f"study '{spec.study}' tunes {study.user_attrs['defense']}, the spec says {spec.defense}")
+        with warnings.catch_warnings():  # set_metric_names is marked experimental
+            warnings.simplefilter("ignore")
+            study.set_metric_names(list(t.objectives))
+        study.set_user_attr("defense", t.defense)
+        study.set_user_attr("objectives", list(t.objectives))
+        study.set_user_attr("tuned_on", tuned_on)
+    elif study.user_attrs["defense"] != t.defense:
+        raise ValueError(f"study '{study_name}' tunes {study.user_attrs['defense']}, the spec says {t.defense}")
     return study
 
 
@@ -119,11 +128,9 @@ def owner_alive(owner: str | None) -> bool | None:
 def recover(study, stale_after_s: float = 900.0) -> list[int]:
     """Fail the RUNNING trials whose driver is gone and re-enqueue their parameters.
     Returns the numbers of the trials failed."""
-    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
-    storage, done = study._storage, []
-    now = time.time()
+    done, now = [], time.time()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.user_attrs.get(OWNER_ATTR)
         alive = owner_alive(owner)
@@ -132,12 +139,13 @@ def recover(study, stale_after_s: float = 900.0) -> list[int]:
             alive = now - last < stale_after_s
         if alive:
             continue
-        try:
-            storage.set_trial_user_attr(t._trial_id, "bdgrid_fail_reason", f"driver {owner} died")
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        except (UpdateFinishedTrialError, RuntimeError):
-            continue  # another driver recovered it first
-        study.enqueue_trial(t.params, user_attrs={"bdgrid_retry_of": t.number})
+        # skip_if_finished: another driver may have recovered it first
+        frozen = study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        if frozen.state != TrialState.FAIL or any(
+                x.user_attrs.get("bdgrid_retry_of") == t.number for x in study.get_trials(deepcopy=False)):
+            continue
+        study.enqueue_trial(t.params, user_attrs={"bdgrid_retry_of": t.number,
+                                                  "bdgrid_retry_reason": f"driver {owner} died"})
         done.append(t.number)
     return done
 

@@ -17,7 +17,7 @@ def list_attacks():
     from rich.table import Table
 
     from defense.attacks import ATTACKS
-    from grid.cli import console
+    from grid.cli.common import console
 
     t = Table(title="attacks", show_lines=True)
     for c in ("name", "kind", "rate is a fraction of", "parameters (defaults)", "resources"):
@@ -31,7 +31,7 @@ def list_attacks():
 
 def _split_params(items: list[str] | None) -> dict[str, dict]:
     """``attack.key=value`` items -> {attack: {key: value}}."""
-    from grid.cli import fail, parse_params
+    from grid.cli.common import fail, parse_params
 
     out: dict[str, dict] = {}
     for k, v in parse_params(items).items():
@@ -98,7 +98,7 @@ def preview(
     from defense.registry import BadParams, UnknownName
     from defense.resources import ResourceCache
     from defense.train import get_recipe, pick_device, train
-    from grid.cli import console, fail, parse_params
+    from grid.cli.common import console, fail, parse_params
 
     names = list(attack) if attack else ATTACKS.names()
     per = _split_params(param)

@@ -1,0 +1,69 @@
+"""What every command shares: the consoles, one way to fail on a user's mistake, ``-p key=value``
+parsing, and loading a spec with every problem reported. A leaf: imports no other command."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+console = Console()
+err = Console(stderr=True)
+
+
+def fail(msg: str, code: int = 2):
+    """A user error: say what is wrong and exit, no traceback."""
+    err.print(f"[bold red]error:[/] {msg}", highlight=False)
+    raise typer.Exit(code)
+
+
+def parse_params(items: list[str] | None, flag: str = "--param") -> dict:
+    """``key=value`` pairs -> dict; values parsed as YAML scalars (numbers, booleans, lists)."""
+    import yaml
+
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            fail(f"{flag} expects key=value, got '{it}'")
+        k, v = it.split("=", 1)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError:
+            fail(f"{flag} {it}: the value is not a YAML scalar")
+    return out
+
+
+def load_spec_or_exit(spec_file: str, gpus: float | None):
+    """Parse + validate a grid spec (a tune spec too); on problems print every one
+    (file:line: path: message) and exit 2."""
+    from grid.spec import load_spec
+    from grid.validate import every_problem
+
+    ls, problems = load_spec(spec_file)
+    problems = every_problem(ls, problems, gpus)
+    if problems:
+        n = len(problems)
+        fail(f"{n} problem{'s' if n > 1 else ''} in {spec_file}:\n  " + "\n  ".join(p.render(ls.file) for p in problems))
+    return ls
+
+
+def out_dir(ls, out: str | None) -> Path:
+    """--out, else the spec's ``out``, else runs/<name>."""
+    return Path(out or ls.spec.out or f"runs/{ls.spec.name}")
+
+
+def local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def ray_session(address: str | None, num_cpus: int | None = None):
+    """Start or join Ray (a clear message, no traceback, when the cluster cannot be reached);
+    returns True when this process started it (and must shut it down)."""
+    from grid.run import connect
+
+    try:
+        return connect(address, num_cpus)
+    except (ConnectionError, ValueError) as e:
+        fail(str(e))
