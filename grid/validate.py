@@ -37,12 +37,7 @@ def every_problem(ls: LoadedSpec, parse_problems: list[Problem], gpus_available:
 def validate(ls: LoadedSpec, gpus_available: float | None = None) -> list[Problem]:
     """Every semantic problem of ``ls`` (``ls.spec`` must have parsed). ``gpus_available``:
     GPUs in the cluster, or None when unknown (then GPU requests are not checked)."""
-    from defense.attacks import ATTACKS
-    from defense.data import DATASETS
-    from defense.methods import DEFENSES
-    from defense.models import MODELS
     from defense.registry import BadParams, UnknownName
-    from defense.train import RECIPES
 
     s, lines = ls.spec, ls.lines
     problems: list[Problem] = []
@@ -67,6 +62,37 @@ def validate(ls: LoadedSpec, gpus_available: float | None = None) -> list[Proble
                 for m in ex.problems:
                     add(_param_path(path, m, params), m)
         return e
+
+    _check_names(ls, add, check_entry)
+    _check_numbers(ls, add)
+    _check_duplicates(ls, add)
+    _check_include_exclude(ls, add)
+    _check_store_and_gpus(ls, add, gpus_available)
+    if s.tune is not None:
+        _check_tune(ls, add)
+
+    # the grid after include/exclude must not be empty, and every exclude must match something
+    if not problems:
+        cells = expand(ls)
+        if not cells:
+            add(("exclude",), "exclude removes every cell; the grid is empty")
+        for i, entry in enumerate(s.exclude):
+            if not _exclude_hits(ls, entry):
+                add(("exclude", i), f"exclude entry {entry} matches no cell of the grid (a typo?)")
+    return problems
+
+
+
+
+def _check_names(ls: LoadedSpec, add, check_entry) -> None:
+    """Empty axes; dataset, arch, attack and defense names and parameters; dataset roots."""
+    from defense.attacks import ATTACKS
+    from defense.data import DATASETS
+    from defense.methods import DEFENSES
+    from defense.models import MODELS
+    from defense.registry import BadParams
+
+    s = ls.spec
 
     # empty axes
     for axis in ("datasets", "archs", "attacks", "pratios", "seeds", "defenses"):
@@ -130,6 +156,14 @@ def validate(ls: LoadedSpec, gpus_available: float | None = None) -> list[Proble
                     seen_problem.add((path, m))
                     add(path, m)
 
+
+
+def _check_numbers(ls: LoadedSpec, add) -> None:
+    """Rates, ratios, the recipe and epochs."""
+    from defense.train import RECIPES
+
+    s = ls.spec
+
     # rates and numbers
     for i, p in enumerate(s.pratios):
         if not 0 < p < 1:
@@ -143,6 +177,16 @@ def validate(ls: LoadedSpec, gpus_available: float | None = None) -> list[Proble
         add(("recipe",), f"unknown recipe '{s.recipe}'{did_you_mean(s.recipe, RECIPES)}; valid: {', '.join(RECIPES)}")
     if s.epochs is not None and s.epochs < 1:
         add(("epochs",), f"epochs must be >= 1, got {s.epochs}")
+
+
+
+def _check_duplicates(ls: LoadedSpec, add) -> None:
+    """The same value twice on an axis, or the same defense config twice."""
+    from defense.attacks import ATTACKS
+    from defense.data import DATASETS
+    from defense.methods import DEFENSES
+
+    s = ls.spec
 
     # duplicates on every axis (the same cell would be listed twice)
     # (parameters compared with registry defaults filled in: {patch: 3} is BadNets' default)
@@ -158,6 +202,14 @@ def validate(ls: LoadedSpec, gpus_available: float | None = None) -> list[Proble
             add(dc.where, f"duplicate defense config {dc.name} {dc.params_dict or ''} (also {_ps(seen[k])})")
         else:
             seen[k] = dc.where
+
+
+
+def _check_include_exclude(ls: LoadedSpec, add) -> None:
+    """include/exclude entries: known keys, names that are in the spec."""
+    from defense.models import MODELS
+
+    s = ls.spec
 
     # include / exclude
     names = {"dataset": {d.name for d in s.datasets}, "attack": {a.name for a in s.attacks},
@@ -180,6 +232,13 @@ def validate(ls: LoadedSpec, gpus_available: float | None = None) -> list[Proble
                 elif k == "arch" and v not in MODELS:
                     add((which, i, k), _unknown(MODELS, v))
 
+
+
+def _check_store_and_gpus(ls: LoadedSpec, add, gpus_available) -> None:
+    """The artifact URI scheme, and GPU requests against the cluster's GPUs."""
+
+    s = ls.spec
+
     # artifact URI
     if s.artifacts and "://" in s.artifacts:
         scheme = s.artifacts.split("://", 1)[0]
@@ -198,18 +257,7 @@ def validate(ls: LoadedSpec, gpus_available: float | None = None) -> list[Proble
                 add(("resources", kind, "gpus"), f"{kind} stages ask for {g} GPUs per task; the largest the cluster "
                                                  f"could give is {gpus_available}")
 
-    if s.tune is not None:
-        _check_tune(ls, add)
 
-    # the grid after include/exclude must not be empty, and every exclude must match something
-    if not problems:
-        cells = expand(ls)
-        if not cells:
-            add(("exclude",), "exclude removes every cell; the grid is empty")
-        for i, entry in enumerate(s.exclude):
-            if not _exclude_hits(ls, entry):
-                add(("exclude", i), f"exclude entry {entry} matches no cell of the grid (a typo?)")
-    return problems
 
 
 def _resolved(reg, name: str, params: dict) -> dict:
@@ -278,9 +326,8 @@ def _param_path(path: tuple, msg: str, params: dict, swept: set = frozenset()) -
 def _check_tune(ls: LoadedSpec, add) -> None:
     """The ``tune:`` block: objectives, sampler, counts, storage, the defense and its space
     against the defense's parameters, and tune_on/report_on as filters over the grid's cells."""
-    from defense.methods import DEFENSES
-    from defense.registry import BadParams, UnknownName, did_you_mean
-    from grid.tune.space import DIRECTIONS, FILTER_KEYS, SAMPLERS, dist_problems, grid_values
+    from defense.registry import did_you_mean
+    from grid.tune.space import DIRECTIONS, SAMPLERS
 
     t = ls.spec.tune
     T = ("tune",)
@@ -307,6 +354,18 @@ def _check_tune(ls: LoadedSpec, add) -> None:
                               f"(postgresql://, mysql://, sqlite:///)")
     if t.study is not None and (not t.study or any(c in t.study for c in "/\\\n")):
         add(T + ("study",), "a study name is a non-empty name without slashes")
+    _check_tune_space(ls, add)
+    _check_tune_cells(ls, add)
+
+
+def _check_tune_space(ls: LoadedSpec, add) -> None:
+    """The tuned defense, its fixed params and the search space against its parameters."""
+    from defense.methods import DEFENSES
+    from defense.registry import BadParams, UnknownName, did_you_mean
+    from grid.tune.space import dist_problems, grid_values
+
+    t = ls.spec.tune
+    T = ("tune",)
     if not t.space:
         add(T + ("space",), "empty search space")
     entry = None
@@ -314,15 +373,15 @@ def _check_tune(ls: LoadedSpec, add) -> None:
         entry = DEFENSES.get(t.defense)
     except UnknownName as e:
         add(T + ("defense",), str(e))
-    bad_dist = set()
+    bad_dist, infinite = set(), False
     for name, d in t.space.items():
         for sub, msg in dist_problems(d):
             bad_dist.add(name)
             add(T + ("space", name) + sub, msg)
         if t.sampler == "grid" and d.type == "float" and d.step is None:
-            bad_dist.add(name)
+            infinite = True
             add(T + ("space", name), "the grid sampler needs finite values: give 'step' or use type: categorical")
-    if t.sampler == "grid" and not bad_dist:
+    if t.sampler == "grid" and not bad_dist and not infinite:
         size = 1
         for d in t.space.values():
             size *= len(grid_values(d))
@@ -354,6 +413,15 @@ def _check_tune(ls: LoadedSpec, add) -> None:
                 except BadParams as e:
                     for m in e.problems:
                         add(T + ("space", name), f"value {v!r}: {m}")
+
+
+def _check_tune_cells(ls: LoadedSpec, add) -> None:
+    """tune_on / report_on: filters over the grid's cells that name known axes and match a cell."""
+    from defense.registry import did_you_mean
+    from grid.tune.space import FILTER_KEYS
+
+    t = ls.spec.tune
+    T = ("tune",)
     if not t.tune_on:
         add(T + ("tune_on",), "name at least one cell to tune on, e.g. [{attack: badnets}]")
     cells = None

@@ -83,6 +83,10 @@ def tune(
     if as_json:
         print(json.dumps(summary, default=str))
         return
+    _print(summary, doc, ls.spec.tune.defense, evaluate)
+
+
+def _print(summary: dict, doc: dict, defense: str, evaluate: bool) -> None:
     for w in doc["warnings"]:
         console.print(f"[yellow]warning[/] {w}", highlight=False)
     vals = ", ".join(f"{k} {100 * v:.1f}" for k, v in doc["values"].items())
@@ -91,7 +95,7 @@ def tune(
     for p in summary["plots"]:
         console.print(f"plot: {p}")
     if evaluate:
-        t = Table(title=f"{ls.spec.tune.defense}: default vs tuned on the reported test split "
+        t = Table(title=f"{defense}: default vs tuned on the reported test split "
                         f"(tuned on {', '.join(doc['tuned_on'])})")
         for c in ["cell", "params", "tuned on it", "ACC", "ASR", "RA", "DER", "ACC before", "ASR before"]:
             t.add_column(c, justify="right", overflow="fold")
