@@ -53,8 +53,8 @@ def artifacts(tmp_path_factory):
 def grid_dict(name: str, artifacts: str, attacks=("badnets",), dataset: str = "synthetic", tune: dict | None = None,
               **kw) -> dict:
     d = dict(name=name, datasets=[{"name": dataset, "params": DATA}], archs=["tiny_cnn"], attacks=list(attacks),
-             pratios=[0.1], seeds=[0], recipe="fast", epochs=3, imports=["test_tune_plugins"], artifacts=artifacts,
-             **kw)
+             pratios=[0.1], seeds=[0], recipe="fast", epochs=3, imports=["test_tune_plugins"], artifacts=artifacts)
+    d.update(kw)
     if tune is not None:
         d["tune"] = tune
     return d
