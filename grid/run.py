@@ -320,7 +320,19 @@ class Runner:
                  console=None):
         import ray
 
+        from grid import lock
+
         self.ls, self.plan, self.out, self.store, self.spec = ls, plan, Path(out), store, ls.spec
+        self._lock = lock.acquire(self.out)  # before anything is written here: one driver per folder
+        try:
+            self._start(plan, show_progress, console)
+        except BaseException:
+            lock.release(self._lock)
+            raise
+        self._ray = ray
+
+    def _start(self, plan: Plan, show_progress: bool, console) -> None:
+        ls = self.ls
         self.res = RunResult(plan, self.out)
         self.t0 = time.time()
         self.have = done_evals(self.out)
@@ -341,7 +353,6 @@ class Runner:
         self.began: dict = {}  # key -> when its current attempt left Ray's queue (the timeout counts from here)
         self.attempts: dict = {}
         self.data_refs: dict = {}  # data stage key -> ObjectRef (kept while a child still needs it)
-        self._ray = ray
 
     @property
     def status(self) -> dict:
@@ -487,13 +498,18 @@ class Runner:
         return ended
 
     def close(self) -> RunResult:
+        from grid import lock
+
         self.res.wall_s = time.time() - self.t0
-        self.prog.update(finished=not self.running, force=True)
-        self.prog.stop()
         try:
-            self._ray.kill(self.start_log)
-        except Exception:  # noqa: BLE001 - already gone with its node
-            pass
+            self.prog.update(finished=not self.running, force=True)
+            self.prog.stop()
+            try:
+                self._ray.kill(self.start_log)
+            except Exception:  # noqa: BLE001 - already gone with its node
+                pass
+        finally:
+            lock.release(self._lock)
         return self.res
 
 

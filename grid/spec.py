@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,30 +140,72 @@ class GridSpec(_Strict):
     def _shorthand(cls, v):
         return [_named(x) for x in v] if isinstance(v, list) else v
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        # the default output folder is runs/<name>: a path in the name would write elsewhere
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", v):
+            raise ValueError("a grid name is letters, digits, '_', '-', '.' (no '/', no leading '.'), "
+                             f"at most 100 characters; got {v!r}")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seed_range(cls, v: list[int]) -> list[int]:
+        bad = [x for x in v if not 0 <= x < 2 ** 32]
+        if bad:  # numpy's and torch's generators are seeded from 32 bits here; larger fail mid-run
+            raise ValueError(f"seeds must be in 0 .. {2 ** 32 - 1}, got {bad}")
+        return v
+
 
 # ----------------------------------------------------------------------------- YAML with lines
 
-def _walk(node: yaml.Node, path: tuple, lines: dict, loader: yaml.SafeLoader) -> Any:
+MAX_SPEC_BYTES = 1 << 20  # a spec is a page of YAML; a megabyte is not a spec
+MAX_YAML_VALUES = 200_000  # values after aliases are expanded: stops an alias bomb in milliseconds
+_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+
+
+class YamlProblem(yaml.YAMLError):
+    """Something a spec must not contain, found while reading its YAML (with the line)."""
+
+    def __init__(self, msg: str, line: int | None):
+        super().__init__(msg)
+        self.msg, self.line = msg, line
+
+
+def _walk(node: yaml.Node, path: tuple, lines: dict, loader: yaml.SafeLoader, budget: list, dups: list) -> Any:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise YamlProblem(f"the YAML expands to more than {MAX_YAML_VALUES:,} values (nested aliases?); "
+                          f"a spec is refused beyond that", node.start_mark.line + 1)
     lines[path] = node.start_mark.line + 1
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _PLAIN_TAGS:
+        raise YamlProblem(f"YAML tag {node.tag} is not allowed in a spec (plain mappings and lists only)",
+                          node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         out = {}
         for k, v in node.value:
             key = loader.construct_object(k, deep=True)
-            out[key] = _walk(v, path + (key,), lines, loader)
+            if key in out:  # safe_load would keep the last one silently
+                dups.append((path + (key,), k.start_mark.line + 1, lines.get(path + (key,))))
+            out[key] = _walk(v, path + (key,), lines, loader, budget, dups)
             lines.setdefault(path + (key,), k.start_mark.line + 1)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_walk(v, path + (i,), lines, loader) for i, v in enumerate(node.value)]
+        return [_walk(v, path + (i,), lines, loader, budget, dups) for i, v in enumerate(node.value)]
     return loader.construct_object(node, deep=True)
 
 
-def parse_yaml(text: str) -> tuple[Any, dict[tuple, int]]:
-    """Safe-load ``text``; also return {path: 1-based line} for every value."""
+def parse_yaml(text: str, dups: list | None = None) -> tuple[Any, dict[tuple, int]]:
+    """Safe-load ``text``; also return {path: 1-based line} for every value. Duplicate keys are
+    appended to ``dups`` as (path, line, first line); tags on mappings and lists, and YAML that
+    expands past ``MAX_YAML_VALUES`` values, raise ``YamlProblem``."""
     loader = yaml.SafeLoader(text)
+    dups = [] if dups is None else dups
     try:
         node = loader.get_single_node()
         lines: dict[tuple, int] = {}
-        data = _walk(node, (), lines, loader) if node is not None else None
+        data = _walk(node, (), lines, loader, [MAX_YAML_VALUES], dups) if node is not None else None
     finally:
         loader.dispose()
     return data, lines
@@ -240,16 +283,32 @@ class LoadedSpec:
 def load_spec(path: str | Path) -> tuple[LoadedSpec, list[Problem]]:
     """Parse a spec file; return it and its structural problems (empty when it parsed)."""
     p = Path(path)
+    empty = LoadedSpec(None, {}, str(p), Path("."), "")
     if not p.exists():
-        return LoadedSpec(None, {}, str(p), Path("."), ""), [Problem((), f"spec file not found: {p}")]
-    text = p.read_text()
+        return empty, [Problem((), f"spec file not found: {p}")]
+    if not p.is_file():
+        return empty, [Problem((), "not a file (a directory?); give the spec's YAML file")]
+    if p.stat().st_size > MAX_SPEC_BYTES:
+        return empty, [Problem((), f"{p.stat().st_size:,} bytes; a spec is at most {MAX_SPEC_BYTES:,}")]
+    raw = p.read_bytes()
+    if b"\0" in raw:
+        return empty, [Problem((), "a binary file, not a YAML spec")]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        return empty, [Problem((), f"not UTF-8 text (byte {raw[e.start]:#04x} at line {line}); save the spec as UTF-8",
+                               line)]
     return parse_spec(text, str(p), p.resolve().parent)
 
 
 def parse_spec(text: str, file: str = "spec", base_dir: Path | None = None) -> tuple[LoadedSpec, list[Problem]]:
     base = base_dir or Path(".")
+    dups: list = []
     try:
-        data, lines = parse_yaml(text)
+        data, lines = parse_yaml(text, dups)
+    except YamlProblem as e:
+        return LoadedSpec(None, {}, file, base, text), [Problem((), e.msg, e.line)]
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         return LoadedSpec(None, {}, file, base, text), [
@@ -261,13 +320,36 @@ def parse_spec(text: str, file: str = "spec", base_dir: Path | None = None) -> t
 
     if legacy.is_legacy(data):
         return LoadedSpec(None, lines, file, base, text), [Problem((), legacy.message(data), 1)]
+    early = [Problem(path, f"duplicate key '{path[-1]}' (also at line {first}); YAML would keep only the last one",
+                     line) for path, line, first in dups] + _bool_numbers(data, lines)
     try:
         spec = GridSpec.model_validate(data)
     except ValidationError as e:
         ls = LoadedSpec(None, lines, file, base, text)
         ls.partial = salvage(data)
-        return ls, _pydantic_problems(e, lines)
+        return ls, early + _pydantic_problems(e, lines)
+    if early:  # the spec parsed, but not as written: checked like any other problem
+        ls = LoadedSpec(None, lines, file, base, text)
+        ls.partial = spec
+        return ls, early
     return LoadedSpec(spec, lines, file, base, text), []
+
+
+# numeric fields where YAML's true/false would silently become 1/0 (pydantic's lax mode)
+_NUMERIC = {("seeds", "*"), ("pratios", "*"), ("target",), ("epochs",), ("retries",), ("timeout",),
+            ("defender_ratio",), ("val_ratio",)}
+
+
+def _bool_numbers(data: dict, lines: dict) -> list[Problem]:
+    out = []
+    for field, *rest in _NUMERIC:
+        v = data.get(field)
+        items = list(enumerate(v)) if rest and isinstance(v, list) else ([(None, v)] if not rest else [])
+        for i, x in items:
+            if isinstance(x, bool):
+                path = (field,) if i is None else (field, i)
+                out.append(Problem(path, f"expected a number, got {str(x).lower()}", line_of(lines, path)))
+    return out
 
 
 def salvage(data: dict, rounds: int = 50) -> GridSpec | None:

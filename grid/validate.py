@@ -21,10 +21,35 @@ from grid.spec import CELL_AXES, STAGE_KINDS, LoadedSpec, Problem, canon, defens
 URI_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "mock")
 
 
-def every_problem(ls: LoadedSpec, parse_problems: list[Problem], gpus_available: float | None = None) -> list[Problem]:
+# A grid over this many stages is refused before it is expanded (``--max-stages`` raises it): the
+# plan of 10^7 stages alone would take minutes and gigabytes; a typo of an axis should not.
+MAX_STAGES = 10_000_000
+
+
+def stage_estimate(s) -> int:
+    """An upper bound of the plan's stage count from the axis lengths alone (no expansion): per
+    cell a data share, an attack, a no-defense eval, and per defense config prepare + defense + eval."""
+    cells = len(s.datasets) * len(s.archs) * len(s.attacks) * len(s.pratios) * len(s.seeds) + len(s.include) * max(
+        1, len(s.archs) * len(s.pratios) * len(s.seeds))
+    configs = 0
+    for d in s.defenses:
+        n = 1
+        for vals in d.sweep.values():
+            n *= max(1, len(vals))
+        configs += n
+    return cells * (2 + 3 * configs) + len(s.datasets)
+
+
+def every_problem(ls: LoadedSpec, parse_problems: list[Problem], gpus_available: float | None = None,
+                  max_stages: int = MAX_STAGES) -> list[Problem]:
     """The parse problems and the semantic ones in one list. When the spec did not parse, the
     semantic checks run on what did (``ls.partial``: the wrong values dropped), so a user fixes
     everything in one pass instead of finding the unknown names only after the type errors."""
+    spec = ls.spec or ls.partial
+    if spec is not None and stage_estimate(spec) > max_stages:
+        return parse_problems + [Problem((), f"the grid has up to {stage_estimate(spec):,} stages, over the limit of "
+                                             f"{max_stages:,}; check the axes for a typo, or raise the limit with "
+                                             f"--max-stages", 1)]
     if not parse_problems:
         return validate(ls, gpus_available)
     if ls.partial is None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import time
+
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -281,3 +283,73 @@ def test_examples_validate(name):
     if name == "quickstart.yaml":
         assert plan.cells == 4 and len(plan.of_kind("attack")) == 4 and len(plan.of_kind("defense")) == 8
 
+
+
+# ----------------------------------------------------------------------------- inputs that are not a spec
+
+def _problems_of(path) -> list[str]:
+    from grid.spec import load_spec
+    from grid.validate import every_problem
+
+    ls, probs = load_spec(path)
+    return [p.render(ls.file) for p in every_problem(ls, probs)]
+
+
+def test_files_that_are_not_yaml_specs_get_one_problem_each(tmp_path):
+    cases = {"binary.yaml": bytes(range(256)) * 4, "latin1.yaml": "name: caf\xe9\n".encode("latin-1")}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "folder.yaml").mkdir()
+    bomb = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 9) + "]\n" for i in range(8))
+    (tmp_path / "bomb.yaml").write_text(bomb)  # 9^9 values once the aliases are expanded
+    expect = {"binary.yaml": "a binary file", "latin1.yaml": "not UTF-8 text (byte 0xe9 at line 1)",
+              "folder.yaml": "not a file (a directory?)", "bomb.yaml": "expands to more than 200,000 values"}
+    for name, needle in expect.items():
+        t0 = time.process_time()
+        probs = _problems_of(tmp_path / name)
+        assert len(probs) == 1 and needle in probs[0], (name, probs)
+        assert time.process_time() - t0 < 5  # not the minute of MemoryError it took before
+
+
+def test_silently_accepted_values_are_problems_with_their_lines(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("name: ../elsewhere\ndatasets: [synthetic]\narchs: [tiny_cnn]\nattacks: [badnets]\n"
+                 "seeds: [true, 100000000000000000000]\npratios: [0.1]\npratios: [0.2]\n")
+    text = "\n".join(_problems_of(f))
+    assert "s.yaml:7: pratios: duplicate key 'pratios' (also at line 6)" in text
+    assert "s.yaml:5: seeds[0]: expected a number, got true" in text
+    assert "seeds must be in 0 .. 4294967295" in text
+    assert "s.yaml:1: name: Value error, a grid name is letters" in text
+    f.write_text("name: t\ndatasets: !!python/object:os.system [synthetic]\narchs: [tiny_cnn]\nattacks: [badnets]\n")
+    [prob] = _problems_of(f)
+    assert "s.yaml:2" in prob and "tag tag:yaml.org,2002:python/object:os.system is not allowed" in prob
+
+
+def test_a_typo_in_one_dataset_parameter_does_not_hide_a_range_problem_next_to_it(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("name: t\ndatasets: [{name: synthetic, params: {n_test: 5, n_trian: 3}}]\narchs: [tiny_cnn]\n"
+                 "attacks: [badnets]\n")
+    text = "\n".join(_problems_of(f))
+    assert "unknown parameter 'n_trian' (did you mean 'n_train'?)" in text and "must be >= 10" in text
+
+
+def test_a_huge_grid_is_refused_from_its_axes_before_expansion(tmp_path):
+    from grid.spec import load_spec
+    from grid.validate import every_problem
+
+    f = tmp_path / "huge.yaml"
+    seeds = ",".join(str(i) for i in range(100_000))
+    rates = ",".join(f"0.{i:04d}1" for i in range(1, 1000))
+    f.write_text(f"name: huge\ndatasets: [synthetic]\narchs: [tiny_cnn]\nattacks: [badnets]\nseeds: [{seeds}]\n"
+                 f"pratios: [{rates}]\ndefenses: [none, ft]\n")
+    ls, probs = load_spec(f)
+    t0 = time.process_time()
+    [p] = every_problem(ls, probs)
+    assert time.process_time() - t0 < 1.0  # arithmetic on the axes, not 10^8 cells expanded
+    assert "799,200,001 stages, over the limit of 10,000,000" in p.render()
+    small = tmp_path / "small.yaml"
+    small.write_text("name: s\ndatasets: [synthetic]\narchs: [tiny_cnn]\nattacks: [badnets]\nseeds: [0, 1, 2]\n")
+    ls, probs = load_spec(small)
+    assert "over the limit of 5" in every_problem(ls, probs, max_stages=5)[0].render()
+    assert every_problem(ls, probs) == []  # under the default limit (and --max-stages lifts a lower one)

@@ -33,14 +33,14 @@ def parse_params(items: list[str] | None, flag: str = "--param") -> dict:
     return out
 
 
-def load_spec_or_exit(spec_file: str, gpus: float | None):
+def load_spec_or_exit(spec_file: str, gpus: float | None, max_stages: int | None = None):
     """Parse + validate a grid spec (a tune spec too); on problems print every one
     (file:line: path: message) and exit 2."""
     from grid.spec import load_spec
-    from grid.validate import every_problem
+    from grid.validate import MAX_STAGES, every_problem
 
     ls, problems = load_spec(spec_file)
-    problems = every_problem(ls, problems, gpus)
+    problems = every_problem(ls, problems, gpus, max_stages or MAX_STAGES)
     if problems:
         n = len(problems)
         fail(f"{n} problem{'s' if n > 1 else ''} in {spec_file}:\n  " + "\n  ".join(p.render(ls.file) for p in problems))

@@ -8,15 +8,18 @@ import typer
 from rich.table import Table
 
 from grid.cli.common import console, err, fail, load_spec_or_exit, local_gpus, out_dir, ray_session
+from grid.lock import RunLocked
+
 
 def validate_cmd(
     spec_file: str = typer.Argument(..., help="Grid spec (YAML)."),
     gpus: Optional[float] = typer.Option(None, help="GPUs the cluster will have (default: this machine's)."),
+    max_stages: Optional[int] = typer.Option(None, help="Refuse a grid of more stages than this (default 10,000,000)."),
 ):
     """Check a grid spec and report every problem with its line; exit 2 if there is any."""
     from grid.plan import build_plan
 
-    ls = load_spec_or_exit(spec_file, local_gpus() if gpus is None else gpus)
+    ls = load_spec_or_exit(spec_file, local_gpus() if gpus is None else gpus, max_stages)
     plan = build_plan(ls)
     c = plan.counts()
     console.print(f"[green]ok[/]: {spec_file}: grid '{plan.grid}', {plan.cells} cells, "
@@ -35,6 +38,7 @@ def run_cmd(
     artifacts: Optional[str] = typer.Option(None, help="Artifact root URI (local path, s3://, gs://); default: the spec's "
                                                        "'artifacts', else $BDGRID_ARTIFACTS, else <out>/artifacts."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress bar."),
+    max_stages: Optional[int] = typer.Option(None, help="Refuse a grid of more stages than this (default 10,000,000)."),
 ):
     """Run a grid: every cell's backdoored model once, every defense on it, every evaluation.
     Resumes by default: finished stages are skipped, failed ones retried."""
@@ -43,7 +47,7 @@ def run_cmd(
     from grid.store import ArtifactStore
     from grid.validate import validate
 
-    ls = load_spec_or_exit(spec_file, None)
+    ls = load_spec_or_exit(spec_file, None, max_stages)
     out_path = out_dir(ls, out)
     if dry_run:
         plan = build_plan(ls)
@@ -69,7 +73,10 @@ def run_cmd(
         if started and address and "://" not in artifact_root(ls, out_path, artifacts):
             err.print("[yellow]note:[/] artifacts go to a local path; on a multi-node cluster it must be shared "
                       "(NFS) or a URI (--artifacts s3://...)")
-        res = execute_plan(ls, out_path, artifacts=artifacts, show_progress=not quiet, console=console)
+        try:
+            res = execute_plan(ls, out_path, artifacts=artifacts, show_progress=not quiet, console=console)
+        except RunLocked as e:
+            fail(str(e), 1)
     finally:
         if started:
             import ray
@@ -100,3 +107,9 @@ def status_cmd(out: str = typer.Option(..., "--out", "-o", help="The output fold
     from grid.run import paper_table
 
     print(paper_table(Path(out), grid=st.get("grid")))
+    failed = sum(c.get("failed", 0) for c in (st.get("counts") or {}).values())
+    for f in st.get("failures") or []:
+        console.print(f"[red]failed[/] {f.get('stage')}: {f.get('error')} (traceback: {f.get('file')})", highlight=False)
+    if st.get("finished") and failed:  # a finished run with failures is not a success, for scripts too
+        console.print(f"the run ended with {failed} failed stage(s); rerun `bdgrid run` to retry them")
+        raise typer.Exit(1)

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from grid.cli.common import console, err, fail, load_spec_or_exit, out_dir, ray_session
+from grid.lock import RunLocked
 
 
 def tune(
@@ -55,8 +56,11 @@ def tune(
             started = ray_session(address)
         if not report:
             plan = tune_plan(tu)
-            runner = open_runner(ls, tu.out, plan, artifacts=artifacts, show_progress=not (quiet or as_json),
-                                 console=err if as_json else console)
+            try:
+                runner = open_runner(ls, tu.out, plan, artifacts=artifacts, show_progress=not (quiet or as_json),
+                                     console=err if as_json else console)
+            except RunLocked as e:
+                fail(str(e), 1)
             try:
                 summary = run_study(tu, runner, plan, say)
             finally:

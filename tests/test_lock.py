@@ -1,0 +1,64 @@
+"""One driver per run folder: a second is refused naming the first; a dead driver's lock is taken over."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+SPEC = """\
+name: locked
+datasets: [{name: synthetic, params: {n_train: 300, n_test: 100}}]
+archs: [tiny_cnn]
+attacks: [badnets]
+epochs: 1
+"""
+
+
+def test_second_driver_is_refused_with_the_first_ones_pid_and_host(tmp_path):
+    import os
+    import socket
+
+    from grid import lock
+    from grid.run import execute_plan
+    from grid.spec import parse_spec
+
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = lock.acquire(out)
+    try:
+        ls, problems = parse_spec(SPEC, "spec.yaml", tmp_path)
+        assert not problems
+        with pytest.raises(lock.RunLocked) as e:
+            execute_plan(ls, out, show_progress=False)  # refused before any stage is submitted
+        msg = str(e.value)
+        assert f"pid {os.getpid()} on {socket.gethostname()}" in msg and str(out) in msg
+        assert not (out / "executed.log").exists() and not (out / "state.json").exists()
+    finally:
+        lock.release(fd)
+    lock.release(lock.acquire(out))  # free again once the first driver let go
+
+
+def test_lock_of_a_killed_driver_is_taken_over(tmp_path):
+    from grid import lock
+
+    code = ("import sys, time; sys.path.insert(0, '.'); from grid import lock; lock.acquire(sys.argv[1]); "
+            "print('held', flush=True); time.sleep(600)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        with pytest.raises(lock.RunLocked, match=f"pid {p.pid}"):
+            lock.acquire(tmp_path)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    deadline = time.time() + 10
+    while True:  # the kernel drops a dead process's flock; no clean-up needed
+        try:
+            lock.release(lock.acquire(tmp_path))
+            break
+        except lock.RunLocked:
+            assert time.time() < deadline
+            time.sleep(0.1)
