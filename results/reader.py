@@ -231,13 +231,21 @@ def load(out_dir: str | Path | Iterable[str | Path], table: str = "results", ded
 
     Columns are those of ``results.schema`` (metrics as fractions, times as UTC timestamps),
     plus the keys of ``extra`` when ``extra`` is true. An empty or missing directory gives an
-    empty frame that still has the schema's columns.
+    empty frame that still has the schema's columns. Damaged files are left out and named on
+    stderr (``load_report`` also returns them).
     """
+    return load_report(out_dir, table, dedup, extra)[0]
+
+
+def load_report(out_dir: str | Path | Iterable[str | Path], table: str = "results", dedup: bool = True,
+                extra: bool = True) -> tuple[pd.DataFrame, Report]:
+    """``load`` and the ``Report`` of the files it left out (for ``bdgrid table``'s note)."""
+    tbl, report = load_checked(out_dir, table)
+    say(report)
     # nullable Int64 keeps seed/target integers even where some rows lack them
-    df = load_arrow(out_dir, table).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype(),
-                                                             pa.int32(): pd.Int32Dtype()}.get)
+    df = tbl.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype(), pa.int32(): pd.Int32Dtype()}.get)
     if dedup:
         df = dedupe(df)
     if extra:
         df = expand_extra(df)
-    return df
+    return df, report
