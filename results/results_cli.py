@@ -38,14 +38,15 @@ def table(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the table to this file instead of stdout."),
 ):
     """Attack x defense table of mean ± std over seeds (in %), best defense per row in bold."""
-    from results.reader import load
+    from results.reader import load_report
     from results.tables import render
 
     if fmt not in FORMATS:
         _fail(f"unknown format '{fmt}'; valid: {', '.join(FORMATS)}")
     if not (out / "results").is_dir():
         _fail(f"no results in {out} (expected {out / 'results'}/*.parquet)")
-    df = load(out)
+    df, report = load_report(out)  # damaged files are named on stderr and left out
+    damaged = report.damaged
     try:
         text, notes = render(df, fmt, metrics=metrics, rows=rows, cols=cols, filters=_filters(filter_), split=split,
                              digits=digits, compare_with=compare, expected_n=seeds)
@@ -60,6 +61,9 @@ def table(
     if fmt == "csv" or output:
         for n in notes:  # md/latex/html carry their notes inside the text
             typer.echo(f"note: {n}", err=True)
+    if damaged:
+        typer.echo(f"note: {len(damaged)} damaged result file(s) left out (named above); the table lacks "
+                   f"their rows. `bdgrid run` with the same spec recomputes them.", err=True)
     if notes and notes[0].startswith("No results"):
         raise typer.Exit(1)
 
@@ -84,6 +88,9 @@ def plot(
         paths = draw(out, kind, dest, _filters(filter_), split, metric)
     except NothingToPlot as e:
         _fail(f"{e} in {out}", code=1)
+    except OSError as e:  # the figures folder: e.g. a read-only run folder with the default --dest
+        where = dest or out / "figures"
+        _fail(f"cannot write the figures to {where}: {e.strerror or e}; choose a writable folder with --dest", code=1)
     except ValueError as e:
         _fail(str(e))
     for p in paths:

@@ -46,6 +46,48 @@ class DatasetMissing(FileNotFoundError):
     """The files of a dataset are not under its root (and could not be downloaded)."""
 
 
+class DatasetFileError(DatasetMissing, ValueError):
+    """A dataset file is there but does not hold what its format says: truncated, wrong magic,
+    wrong image size, labels out of range, counts that disagree. The message names the file,
+    what was expected and what was found.
+
+    A ``DatasetMissing`` (so a ``FileNotFoundError``) on purpose: every caller that turns a
+    missing dataset into one message (``bdgrid trial`` and ``bdgrid attacks`` catch
+    ``FileNotFoundError``) does the same for a bad file, with no traceback; a ``ValueError``
+    for callers of the format readers (``mnist.read_idx``)."""
+
+
+def bad_file(path: Path | str, expected: str, found: str) -> DatasetFileError:
+    return DatasetFileError(f"bad dataset file {path}: expected {expected}; found {found}")
+
+
+def check_labels(y: np.ndarray, num_classes: int, path: Path | str) -> np.ndarray:
+    """``y`` as int64 class labels, or ``DatasetFileError`` naming ``path`` and the first label
+    outside 0..num_classes-1 (a CIFAR label 200 must not reach training)."""
+    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or y.size == 0):
+        raise bad_file(path, "a 1-d list of integer class labels", f"{y.dtype} values of shape {y.shape}")
+    out = (y < 0) | (y >= num_classes)
+    if out.any():
+        i = int(np.argmax(out))
+        raise bad_file(path, f"class labels 0..{num_classes - 1}", f"label {int(y[i])} at position {i}"
+                             f" ({int(out.sum())} label(s) out of range)")
+    return y.astype(np.int64)
+
+
+def check_arrays(info: DatasetInfo, arrays: Arrays, where: Path | str) -> Arrays:
+    """The decoded arrays have the dataset's shape, matching counts and labels in range; the
+    last line of defence behind each decoder's own per-file checks."""
+    c, s = info.channels, info.size
+    for part, x, y in (("train", arrays[0], arrays[1]), ("test", arrays[2], arrays[3])):
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (c, s, s):
+            raise bad_file(where, f"{info.name} {part} images as uint8 N x {c} x {s} x {s}",
+                           f"{x.dtype} of shape {' x '.join(map(str, x.shape))}")
+        if len(y) != len(x):
+            raise bad_file(where, f"one {part} label per image ({len(x)})", f"{len(y)} labels")
+        check_labels(y, info.num_classes, where)
+    return arrays
+
+
 @dataclass
 class FileParams:
     download: bool = True  # fetch with torchvision's download helpers when files are missing
@@ -79,6 +121,43 @@ def _cache_paths(source: Source, root: Path, key: dict, cache_dir: str | None) -
     return {part: d / f"{source.info.name}-{tag}-{part}.npy" for part in ("xtr", "ytr", "xte", "yte")}
 
 
+def _sources_path(paths: dict[str, Path]) -> Path:
+    return paths["xtr"].with_name(paths["xtr"].name.replace("-xtr.npy", "-sources.json"))
+
+
+def _stat_tree(p: Path, out: dict) -> None:
+    """[size, mtime ns] of every file below folder ``p`` (hidden entries skipped), by scandir:
+    a GTSRB-sized folder has 50,000 files and ``Path.rglob`` + ``stat`` costs several times more."""
+    with os.scandir(p) as it:
+        for e in it:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir():
+                _stat_tree(Path(e.path), out)
+            elif e.is_file():
+                st = e.stat()
+                out[e.path] = [st.st_size, st.st_mtime_ns]
+
+
+def fingerprint(located) -> dict[str, list[int]]:
+    """{file: [size, mtime in ns]} of every file a decode read: ``located`` is whatever
+    ``Source.find`` returned (paths, folders, tuples and lists of them; a folder counts with all
+    files below it). What the decoded cache was made from (sizes and times, as make and rsync
+    judge change; hashing 150 MB of CIFAR at every load would cost more than decoding it)."""
+    out: dict[str, list[int]] = {}
+    todo = [located]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, (list, tuple)):
+            todo.extend(item)
+        elif Path(item).is_dir():
+            _stat_tree(Path(item), out)
+        else:
+            st = Path(item).stat()
+            out[str(item)] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
 def _read_cache(paths: dict[str, Path]) -> Arrays | None:
     if not all(p.is_file() for p in paths.values()):
         return None
@@ -92,7 +171,7 @@ def _read_cache(paths: dict[str, Path]) -> Arrays | None:
     return tuple(a)  # type: ignore[return-value]
 
 
-def _write_cache(paths: dict[str, Path], arrays: Arrays) -> None:
+def _write_cache(paths: dict[str, Path], arrays: Arrays, sources: dict) -> None:
     try:
         next(iter(paths.values())).parent.mkdir(parents=True, exist_ok=True)
         for (k, p), a in zip(paths.items(), arrays):
@@ -100,8 +179,29 @@ def _write_cache(paths: dict[str, Path], arrays: Arrays) -> None:
             with open(tmp, "wb") as f:
                 np.save(f, a, allow_pickle=False)
             os.replace(tmp, p)  # atomic: a reader never sees half a file
+        m = _sources_path(paths)  # written last: a cache without it is rebuilt when its sources are there
+        tmp = m.with_name(f".{m.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(sources, sort_keys=True))
+        os.replace(tmp, m)
     except OSError as e:  # e.g. a read-only shared dataset folder: still usable, just slower
         warnings.warn(f"could not write the dataset cache {paths['xtr'].parent}: {e}")
+
+
+def _cache_current(source: Source, paths: dict[str, Path], arrays: Arrays, located) -> bool:
+    """Whether the cached arrays may be used: they pass ``check_arrays`` and, where the source
+    files are there, were decoded from these very files (same sizes and times). A cache without
+    sources (only the cache was copied) is used as it is."""
+    try:
+        check_arrays(source.info, arrays, paths["xtr"].parent)
+    except DatasetFileError:
+        return False  # e.g. decoded by an older bdgrid that let a label 200 through: decode again
+    if located is None:
+        return True
+    try:
+        recorded = json.loads(_sources_path(paths).read_text())
+    except (OSError, ValueError):
+        return False  # a cache from before fingerprints: decode once more and record them
+    return recorded == fingerprint(located)
 
 
 def _missing_message(source: Source, root: Path, why: str) -> str:
@@ -166,8 +266,10 @@ def load_source(source: Source, root: Path | None, p: FileParams, key: dict | No
     root = Path(root).expanduser()
     paths = _cache_paths(source, root, key or {}, p.cache_dir)
     arrays = _read_cache(paths) if p.cache else None
+    located = source.find(root)
+    if arrays is not None and not _cache_current(source, paths, arrays, located):
+        arrays = None
     if arrays is None:
-        located = source.find(root)
         if located is None:
             if not p.download:
                 raise DatasetMissing(_missing_message(source, root, "files missing (download=false)"))
@@ -175,9 +277,9 @@ def load_source(source: Source, root: Path | None, p: FileParams, key: dict | No
             located = source.find(root)
             if located is None:
                 raise DatasetMissing(_missing_message(source, root, "files still missing after the download"))
-        arrays = source.decode(located, p)
+        arrays = check_arrays(source.info, source.decode(located, p), root)
         if p.cache:
-            _write_cache(paths, arrays)
+            _write_cache(paths, arrays, fingerprint(located))
     xtr, ytr, xte, yte = (torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
     return Data(xtr, ytr.long(), source.info), Data(xte, yte.long(), source.info)
 

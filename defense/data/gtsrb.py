@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from defense.data import DatasetInfo, register_dataset
-from defense.data.files import (Arrays, DatasetMissing, FileParams, Source, load_source, pool_map,
-                                register_source)
+from defense.data.files import (Arrays, DatasetMissing, FileParams, Source, bad_file, check_labels, load_source,
+                                pool_map, register_source)
 
 GTSRB = DatasetInfo("gtsrb", 43, 3, 32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), flip=False, pad=4)
 
@@ -49,31 +49,45 @@ def _gtsrb_find(root: Path):
 
 
 def _read_gt_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f, delimiter=";", skipinitialspace=True))
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f, delimiter=";", skipinitialspace=True))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise bad_file(path, "a semicolon-separated GTSRB annotation CSV", f"{type(e).__name__}: {e}") from None
 
 
 def _gtsrb_image(item: tuple[Path, tuple[int, int, int, int] | None]) -> np.ndarray:
     from PIL import Image
 
     path, box = item
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if box is not None:
-            im = im.crop(box)
-        # PIL bilinear: what BackdoorBench's transforms.Resize((32, 32)) does on PIL images
-        im = im.resize((GTSRB.size, GTSRB.size), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if box is not None:
+                im = im.crop(box)
+            # PIL bilinear: what BackdoorBench's transforms.Resize((32, 32)) does on PIL images
+            im = im.resize((GTSRB.size, GTSRB.size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+    except FileNotFoundError:
+        raise bad_file(path, "the image its annotation CSV lists", "no such file") from None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, "image file is truncated"
+        raise bad_file(path, "a readable PPM image", f"{type(e).__name__}: {e}") from None
 
 
-def _gtsrb_rows(rows: list[dict], folder: Path, roi: bool) -> tuple[list, list[int]]:
+def _gtsrb_rows(rows: list[dict], folder: Path, roi: bool, path: Path) -> tuple[list, list[int]]:
+    """(image, crop box) items and labels of the annotation CSV ``path``, read from ``rows``."""
     items, labels = [], []
-    for r in rows:
-        # The ROI box as a PIL crop box (x1, y1, x2, y2), x2/y2 exclusive; the sign sits in
-        # a margin of about 10% of the image, so the one-pixel convention does not matter.
-        box = (int(r["Roi.X1"]), int(r["Roi.Y1"]), int(r["Roi.X2"]), int(r["Roi.Y2"])) if roi else None
-        items.append((folder / r["Filename"], box))
-        labels.append(int(r["ClassId"]))
+    for n, r in enumerate(rows, start=2):  # line 1 is the header
+        try:
+            # The ROI box as a PIL crop box (x1, y1, x2, y2), x2/y2 exclusive; the sign sits in
+            # a margin of about 10% of the image, so the one-pixel convention does not matter.
+            box = (int(r["Roi.X1"]), int(r["Roi.Y1"]), int(r["Roi.X2"]), int(r["Roi.Y2"])) if roi else None
+            items.append((folder / r["Filename"], box))
+            labels.append(int(r["ClassId"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise bad_file(path, "Filename, Roi.X1..Roi.Y2 and an integer ClassId on every line",
+                           f"line {n}: {type(e).__name__}: {e}") from None
+    check_labels(np.asarray(labels, np.int64), GTSRB.num_classes, path)
     return items, labels
 
 
@@ -83,7 +97,7 @@ def _gtsrb_decode(located, p: GTSRBParams) -> Arrays:
     for d in classes:
         gt = d / f"GT-{d.name}.csv"
         if gt.is_file():
-            it, lab = _gtsrb_rows(_read_gt_csv(gt), d, p.roi)
+            it, lab = _gtsrb_rows(_read_gt_csv(gt), d, p.roi, gt)
         else:  # an unannotated class folder: the folder number is the class, no ROI
             if p.roi:
                 raise DatasetMissing(f"gtsrb: roi=true needs {gt} (the per-class annotation CSV)")
@@ -97,7 +111,7 @@ def _gtsrb_decode(located, p: GTSRBParams) -> Arrays:
             f"gtsrb: {test_csv} has no ClassId column (GT-final_test.test.csv from the image archive "
             f"carries no labels); use GT-final_test.csv from GTSRB_Final_Test_GT.zip"
         )
-    titems, yte = _gtsrb_rows(rows, test_dir, p.roi)
+    titems, yte = _gtsrb_rows(rows, test_dir, p.roi, test_csv)
     xtr = np.stack(pool_map(_gtsrb_image, items))
     xte = np.stack(pool_map(_gtsrb_image, titems))
     return xtr, np.asarray(ytr, np.int64), xte, np.asarray(yte, np.int64)

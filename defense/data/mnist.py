@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from defense.data import DatasetInfo, register_dataset
-from defense.data.files import Arrays, FileParams, Source, load_source, register_source
+from defense.data.files import Arrays, FileParams, Source, bad_file, check_labels, load_source, register_source
 
 MNIST = DatasetInfo("mnist", 10, 1, 32, (0.5,), (0.5,), flip=False, pad=4)
 
@@ -36,27 +36,55 @@ def _mnist_find(root: Path):
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """An idx file: 2 zero bytes, a dtype code, the number of dims, big-endian int32 sizes, data."""
+    """An idx file: 2 zero bytes, a dtype code, the number of dims, big-endian int32 sizes, data.
+
+    A file that is not one (wrong magic, truncated, gzip damaged) raises ``DatasetFileError``
+    (a ``ValueError``) naming it, what was expected and what was found."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a cut .gz ends in EOFError
+        raise bad_file(path, "a readable (optionally gzipped) idx file", f"{type(e).__name__}: {e}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
-        raise ValueError(f"{path} is not an idx file (magic {raw[:4].hex()})")
+        raise bad_file(path, "an idx file (magic 00 00 <type> <dims>, e.g. 00000803 for images)",
+                       f"magic {raw[:4].hex() or '(empty file)'}; not an idx file")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise bad_file(path, f"{ndim} dimension sizes after the magic", f"a file of {len(raw)} bytes (truncated)")
     dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4).astype(int)
+    itemsize = np.dtype(IDX_DTYPES[raw[2]]).itemsize
+    body = len(raw) - 4 - 4 * ndim
+    if body % itemsize or body // itemsize != int(np.prod(dims)):
+        raise bad_file(path, f"{int(np.prod(dims))} values (header says {' x '.join(map(str, dims))})",
+                       f"{body // itemsize} values: the header says {tuple(dims)}, the file is truncated or padded")
     data = np.frombuffer(raw, dtype=IDX_DTYPES[raw[2]], offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {tuple(dims)}, file holds {data.size} values")
     return data.reshape(tuple(dims))
+
+
+def _mnist_images(x: np.ndarray, path: Path) -> np.ndarray:
+    """(N, 28, 28) unsigned bytes, as the MNIST files hold; anything else is refused (a 20x20 set
+    would otherwise be padded to 24x24 and trained on)."""
+    if x.ndim != 3 or x.shape[1:] != (28, 28):
+        raise bad_file(path, "MNIST images of 28 x 28 pixels (idx dims N x 28 x 28)",
+                       f"dims {' x '.join(map(str, x.shape))}")
+    if x.dtype != np.uint8:
+        raise bad_file(path, "pixels as unsigned bytes (idx type 0x08)", f"{x.dtype}")
+    return x
 
 
 def _mnist_decode(files: list[Path], p: FileParams) -> Arrays:
     xtr, ytr, xte, yte = (read_idx(f) for f in files)
+    xtr, xte = _mnist_images(xtr, files[0]), _mnist_images(xte, files[2])
+    for y, x, fy, fx in ((ytr, xtr, files[1], files[0]), (yte, xte, files[3], files[2])):
+        if y.ndim == 1 and len(y) != len(x):
+            raise bad_file(fy, f"{len(x)} labels, one per image in {fx.name}", f"{len(y)} labels")
+    ytr, yte = check_labels(ytr, MNIST.num_classes, files[1]), check_labels(yte, MNIST.num_classes, files[3])
 
     def pad(x):  # (N, 28, 28) -> (N, 1, 32, 32), 2 black pixels each side (see module docstring)
-        return np.pad(x.astype(np.uint8), ((0, 0), (2, 2), (2, 2)))[:, None]
+        return np.pad(x, ((0, 0), (2, 2), (2, 2)))[:, None]
 
-    return pad(xtr), ytr.astype(np.int64), pad(xte), yte.astype(np.int64)
+    return pad(xtr), ytr, pad(xte), yte
 
 
 def _mnist_fetch(root: Path) -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from defense.data import DatasetInfo, register_dataset
-from defense.data.files import Arrays, FileParams, Source, load_source, pool_map, register_source, tv_archive
+from defense.data.files import (Arrays, FileParams, Source, bad_file, load_source, pool_map, register_source,
+                                tv_archive)
 
 TINY = DatasetInfo("tiny-imagenet", 200, 3, 64, (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262), flip=False, pad=4)
 
@@ -29,15 +30,23 @@ def _tiny_find(root: Path):
 def _tiny_image(path: Path) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")  # a few Tiny-ImageNet JPEGs are greyscale
-        if im.size != (TINY.size, TINY.size):
-            im = im.resize((TINY.size, TINY.size), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")  # a few Tiny-ImageNet JPEGs are greyscale
+            if im.size != (TINY.size, TINY.size):
+                im = im.resize((TINY.size, TINY.size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+    except FileNotFoundError:
+        raise bad_file(path, "the image val_annotations.txt lists", "no such file") from None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, "image file is truncated"
+        raise bad_file(path, "a readable JPEG image", f"{type(e).__name__}: {e}") from None
 
 
 def _tiny_decode(d: Path, p: FileParams) -> Arrays:
-    wnids = sorted((d / "wnids.txt").read_text().split())  # sorted: ImageFolder's class order
+    wnids = sorted((d / "wnids.txt").read_text(errors="replace").split())  # sorted: ImageFolder's class order
+    if not 0 < len(wnids) <= TINY.num_classes or len(set(wnids)) != len(wnids):
+        raise bad_file(d / "wnids.txt", f"1..{TINY.num_classes} distinct class ids (wnids), one a line",
+                       f"{len(wnids)} ids, {len(set(wnids))} distinct")
     index = {w: i for i, w in enumerate(wnids)}
     train, ytr = [], []
     for w in wnids:
@@ -47,9 +56,12 @@ def _tiny_decode(d: Path, p: FileParams) -> Arrays:
     val, yte = [], []
     ann = d / "val" / "val_annotations.txt"
     if ann.is_file():
-        for line in ann.read_text().splitlines():
+        for n, line in enumerate(ann.read_text(errors="replace").splitlines(), start=1):
             parts = line.split("\t")
             if len(parts) >= 2:
+                if parts[1] not in index:
+                    raise bad_file(ann, "a class id listed in wnids.txt in the second column",
+                                   f"'{parts[1]}' on line {n}")
                 val.append(d / "val" / "images" / parts[0])
                 yte.append(index[parts[1]])
     else:
