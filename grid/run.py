@@ -516,11 +516,22 @@ class Runner:
 def open_runner(ls: LoadedSpec, out: str | Path, plan: Plan, *, artifacts: str | None = None,
                 show_progress: bool = True, console=None) -> Runner:
     """A Runner on the connected Ray cluster (see ``connect``) for ``plan``, writing under ``out``."""
+    from results.writer import clean_stale_tmp, set_aside_damaged
+
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     import_plugins(ls.spec.imports, [str(ls.base_dir.resolve())])  # validation reported any failure
-    return Runner(ls, plan, out, ArtifactStore(artifact_root(ls, out, artifacts)), show_progress=show_progress,
-                  console=console)
+    store = ArtifactStore(artifact_root(ls, out, artifacts))
+    runner = Runner(ls, plan, out, store, show_progress=show_progress, console=console)
+    # the driver holds the folder now: what a crash left (temporary files of dead processes,
+    # result files that fail their checksum) is cleared before anything is read or written
+    clean_stale_tmp(out)
+    if "://" not in store.uri:
+        clean_stale_tmp(store.uri)
+    for path, moved in set_aside_damaged(out):
+        runner.console.print(f"[yellow]damaged[/] {path}: set aside in {moved}; its stage will be recomputed",
+                             highlight=False)
+    return runner
 
 
 def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = None, show_progress: bool = True,

@@ -6,18 +6,18 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 from pathlib import Path
 
 STATE_FILE = "state.json"
 
 
 def write_state(out: str | Path, state: dict) -> None:
+    from results.writer import atomic_write
+
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".{STATE_FILE}.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(json.dumps({**state, "updated_at": time.time()}, indent=1, default=str))
-    os.replace(tmp, d / STATE_FILE)  # a reader sees the old state or the new one, never half
+    # a reader sees the old state or the new one, never half; a full disk raises WriteError
+    atomic_write(d / STATE_FILE, json.dumps({**state, "updated_at": time.time()}, indent=1, default=str).encode())
 
 
 def read_state(out: str | Path) -> dict | None:

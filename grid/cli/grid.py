@@ -9,6 +9,7 @@ from rich.table import Table
 
 from grid.cli.common import console, err, fail, load_spec_or_exit, local_gpus, out_dir, ray_session
 from grid.lock import RunLocked
+from results.writer import WriteError
 
 
 def validate_cmd(
@@ -77,6 +78,9 @@ def run_cmd(
             res = execute_plan(ls, out_path, artifacts=artifacts, show_progress=not quiet, console=console)
         except RunLocked as e:
             fail(str(e), 1)
+        except WriteError as e:  # a full or read-only disk: say where; finished stages are on disk
+            fail(f"{e}\nEvery stage that finished before is kept; free space (or fix the permissions) and rerun "
+                 f"`bdgrid run` to resume.", 1)
     finally:
         if started:
             import ray
