@@ -120,9 +120,20 @@ def build_plan(ls: LoadedSpec, cells: list | None = None, with_defenses: bool = 
                 continue
             sweep_keys = sorted(next((d.sweep for i, d in enumerate(s.defenses) if ("defenses", i) == dc.where), {}))
             label = dc.label if dc.label != dc.name else sweep_label(dc.name, dc.params_dict, sweep_keys)
-            add_defense(plan, ls, cs, dc.name, dc.params_dict, label)
+            add_defense(plan, ls, cs, dc.name, dc.params_dict, label, info=tuned_info(ls, s.defenses[dc.where[1]]))
     plan.cells = len(plan.cell_stages)
     return plan
+
+
+def tuned_info(ls: LoadedSpec, d) -> dict:
+    """Rows of a defense whose params come from a tune's best.yaml say what it was tuned on."""
+    if not d.params_from:
+        return {}
+    from grid.spec import read_best
+
+    doc = read_best(ls, d)
+    tuned = doc.get("tuned_on") if isinstance(doc, dict) else None
+    return {"tuned_on": ",".join(map(str, tuned))} if tuned else {}
 
 
 def add_cell(plan: Plan, ls: LoadedSpec, cell: Cell) -> CellStages:

@@ -150,6 +150,7 @@ def connect(address: str | None, num_cpus: int | None = None, connect_timeout: f
     if ray.is_initialized():
         return False
     if address in (None, "", "local"):
+        _quiet_token_notice()
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), _node_ip_address=loopback_ip(),
                  include_dashboard=False, log_to_driver=False, configure_logging=False)
         return True
@@ -158,6 +159,17 @@ def connect(address: str | None, num_cpus: int | None = None, connect_timeout: f
     local = {"_node_ip_address": host} if host.startswith("127.") else {}
     ray.init(address=address, log_to_driver=False, configure_logging=False, **local)
     return True
+
+
+def _quiet_token_notice() -> None:
+    """Ray 2.60 logs "Token authentication is enabled for this Ray cluster..." at WARNING on every
+    local start with RAY_AUTH_MODE unset; it is a notice (auth stays on), so it shows with -v only."""
+    import logging
+
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if logging.getLogger().getEffectiveLevel() > logging.INFO and not getattr(log, "_bdgrid_quiet", False):
+        log.addFilter(lambda r: "Token authentication is enabled" not in r.getMessage())
+        log._bdgrid_quiet = True
 
 
 def _host_of(address: str) -> str:
@@ -513,6 +525,20 @@ class Runner:
         return self.res
 
 
+def save_spec(ls: LoadedSpec, out: Path) -> None:
+    """``<out>/spec.yaml``: the spec as resolved (every default filled in) with its hash and source
+    file, so a run folder says what produced it; ``<out>/spec.source.yaml``: the file as written."""
+    import yaml
+
+    from results.writer import atomic_write
+
+    doc = {"spec_hash": ls.hash, "source": str(Path(ls.file).resolve()) if ls.file else None,
+           "spec": ls.spec.model_dump(mode="json")}
+    atomic_write(out / "spec.yaml", yaml.safe_dump(doc, sort_keys=False).encode())
+    if ls.text:
+        atomic_write(out / "spec.source.yaml", ls.text.encode())
+
+
 def open_runner(ls: LoadedSpec, out: str | Path, plan: Plan, *, artifacts: str | None = None,
                 show_progress: bool = True, console=None) -> Runner:
     """A Runner on the connected Ray cluster (see ``connect``) for ``plan``, writing under ``out``."""
@@ -523,6 +549,7 @@ def open_runner(ls: LoadedSpec, out: str | Path, plan: Plan, *, artifacts: str |
     import_plugins(ls.spec.imports, [str(ls.base_dir.resolve())])  # validation reported any failure
     store = ArtifactStore(artifact_root(ls, out, artifacts))
     runner = Runner(ls, plan, out, store, show_progress=show_progress, console=console)
+    save_spec(ls, out)
     # the driver holds the folder now: what a crash left (temporary files of dead processes,
     # result files that fail their checksum) is cleared before anything is read or written
     clean_stale_tmp(out)

@@ -415,6 +415,17 @@ class Cell:
     seed: int
 
 
+def read_best(ls: LoadedSpec, d: DefenseSpec) -> dict:
+    """The whole ``params_from`` document (``{}`` when unreadable: read_params_from reports why)."""
+    p = Path(d.params_from)
+    p = p if p.is_absolute() else ls.base_dir / p
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 def read_params_from(ls: LoadedSpec, d: DefenseSpec) -> tuple[dict, str | None]:
     """Tuned params from ``params_from`` (``{defense: name, params: {...}}``); (params, problem)."""
     if not d.params_from:

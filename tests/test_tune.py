@@ -251,6 +251,7 @@ def test_postgresql_storage(ray_address, artifacts, tmp_path):
 def test_run_then_tune_trains_nothing_and_params_from_reuses_the_prepare(ray_address, tmp_path):
     """`bdgrid run` then `bdgrid tune` over the same cells: no attack or resource stage again;
     a grid using the tune's best.yaml: no prepare stage again."""
+    import results
     from grid.run import execute_plan
     from grid.spec import load_spec
     from grid.tune.driver import choose
@@ -277,6 +278,11 @@ def test_run_then_tune_trains_nothing_and_params_from_reuses_the_prepare(ray_add
     ls2 = write_spec(tmp_path / "g2.yaml", g2)
     assert execute_plan(ls2, out, show_progress=False).ok
     assert kinds(executed(out))["prepare"] == 2 and kinds(executed(out))["attack"] == 2
+    df = results.load(out)
+    tuned = df[(df["defense"] == "tuned") & (df["split"] == "test")]
+    assert len(tuned) == 1 and set(tuned["tuned_on"]) == {"badnets"}  # params_from rows say what they were tuned on
+    saved = yaml.safe_load((out / "spec.yaml").read_text())  # the run folder keeps the resolved spec
+    assert saved["spec"]["name"] == "g2" and saved["spec"]["recipe"] == "fast" and saved["spec_hash"]
     assert load_spec(tmp_path / "g2.yaml")[0].spec.defenses[0].params_from == str(best)
 
 

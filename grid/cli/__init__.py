@@ -4,21 +4,37 @@
     run/validate/status   grid.cli.grid  a grid spec
     tune             grid.cli.tune       Optuna over a grid spec's tune: block
     attacks ...      grid.cli.attacks    list attacks, preview triggers
+    defenses list    grid.cli.defenses   every defense with its parameters, defaults and meanings
     table/plot       results.results_cli
 """
 from __future__ import annotations
 
+import sys
+
 import typer
 
-from grid.cli import attacks, grid, trial, tune
+from grid.cli import attacks, defenses, grid, trial, tune
 from results.results_cli import plot, table
 
 app = typer.Typer(help="bdgrid: attack-by-defense experiment grids for backdoor-defense research.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)  # plain click help: "--out TEXT", no <type> tags or boxes
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        import torch
+
+        print(f"bdgrid {version('bdgrid')} (torch {torch.__version__}, python {sys.version.split()[0]})")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what is happening at INFO level.")):
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what is happening at INFO level."),
+          _v: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                  help="Print the versions of bdgrid, torch and python, and exit.")):
     """bdgrid: attack-by-defense experiment grids for backdoor-defense research."""
     import logging
 
@@ -34,6 +50,7 @@ app.command("tune")(tune.tune)
 app.command("table")(table)
 app.command("plot")(plot)
 app.add_typer(attacks.attacks_app, name="attacks")
+app.add_typer(defenses.defenses_app, name="defenses")
 
 
 def main():  # pragma: no cover

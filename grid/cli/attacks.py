@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-attacks_app = typer.Typer(help="List attacks and preview their triggers.", no_args_is_help=True)
+attacks_app = typer.Typer(help="List attacks and preview their triggers.", no_args_is_help=True, rich_markup_mode=None)
 
 
 @attacks_app.command("list")
@@ -17,13 +17,15 @@ def list_attacks():
     from rich.table import Table
 
     from defense.attacks import ATTACKS
-    from grid.cli.common import console
+    from grid.cli.common import console, param_docs
 
     t = Table(title="attacks", show_lines=True)
-    for c in ("name", "kind", "rate is a fraction of", "parameters (defaults)", "resources"):
+    for c in ("name", "kind", "rate is a fraction of", "parameters = defaults (meaning)", "resources"):
         t.add_column(c, overflow="fold")
     for e in ATTACKS.entries():
-        params = ", ".join(f"{k}={v}" for k, v in e.defaults().items()) or "-"
+        docs = param_docs(e.params)
+        params = "\n".join(f"{k}={v!r}" + (f"  ({docs[k][1]})" if docs.get(k, (0, ""))[1] else "")
+                           for k, v in e.defaults().items()) or "-"
         t.add_row(e.name, e.meta.get("kind", "?"), e.meta.get("rate_of", "?"), params,
                   ", ".join(e.meta.get("resources", ())) or "-")
     console.print(t)

@@ -67,3 +67,36 @@ def ray_session(address: str | None, num_cpus: int | None = None):
         return connect(address, num_cpus)
     except (ConnectionError, ValueError) as e:
         fail(str(e))
+
+
+def param_docs(cls) -> dict[str, tuple[object, str]]:
+    """{parameter: (default, meaning)} of a params dataclass. The meaning is the comment after the
+    field, or the comment block just above it, in its source: where bdgrid keeps each default's
+    reason and source."""
+    import dataclasses
+    import inspect
+    import re
+
+    if cls is None:
+        return {}
+    comments: dict[str, str] = {}
+    try:
+        block: list[str] = []
+        for line in inspect.getsource(cls).splitlines()[1:]:
+            text = line.strip()
+            if text.startswith("#"):
+                block.append(text.lstrip("# ").strip())
+                continue
+            m = re.match(r"\s+(\w+)\s*:", line)
+            if m:
+                tail = line.split("  # ", 1)[1].strip() if "  # " in line else ""
+                comments[m.group(1)] = tail or " ".join(block)
+            block = []
+    except (OSError, TypeError):
+        pass  # no source (a compiled plugin): defaults without meanings
+    out = {}
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        out[f.name] = (default, comments.get(f.name, ""))
+    return out
