@@ -428,7 +428,8 @@ class Runner:
         f = fdir / f"{s.kind}-{key}.txt"
         f.write_text(plain_text(f"{s.label}\nattempts: {self.attempts.get(key, 0)}\n\n{tb}"))
         self.res.failed[key] = err
-        self.prog.set(key, "failed", {"stage": s.label, "error": err, "file": str(f)})
+        ident = {k: s.info[k] for k in ("dataset", "arch", "attack", "pratio", "seed", "defense") if k in s.info}
+        self.prog.set(key, "failed", {"stage": s.label, "error": err, "file": str(f), "info": ident})
         children = self.plan.children()
         stack = list(children[key])
         while stack:  # everything below a failed stage cannot run this time
@@ -591,6 +592,7 @@ def paper_table(out: Path, plan: Plan | None = None, metrics=("acc", "asr", "der
     df = df[df["split"] == "test"]
     if df.empty:
         return "(no results yet)"
+    from results.reader import run_failures
     from results.tables import markdown  # the results package's paper table (mean +- std over seeds)
 
-    return markdown(df, metrics=list(metrics), rows="attack", cols="defense")
+    return markdown(df, metrics=list(metrics), rows="attack", cols="defense", failures=run_failures(out))

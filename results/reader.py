@@ -250,3 +250,13 @@ def load_report(out_dir: str | Path | Iterable[str | Path], table: str = "result
     if extra:
         df = expand_extra(df)
     return df, report
+
+
+def run_failures(out: Path) -> list[dict]:
+    """The failed stages of the run's last driver (``<out>/state.json``), for failed cells."""
+    import json
+
+    try:
+        return list(json.loads((Path(out) / "state.json").read_text()).get("failures") or [])
+    except (OSError, ValueError):
+        return []

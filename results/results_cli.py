@@ -38,7 +38,7 @@ def table(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the table to this file instead of stdout."),
 ):
     """Attack x defense table of mean ± std over seeds (in %), best defense per row in bold."""
-    from results.reader import load_report
+    from results.reader import load_report, run_failures
     from results.tables import render
 
     if fmt not in FORMATS:
@@ -49,7 +49,7 @@ def table(
     damaged = report.damaged
     try:
         text, notes = render(df, fmt, metrics=metrics, rows=rows, cols=cols, filters=_filters(filter_), split=split,
-                             digits=digits, compare_with=compare, expected_n=seeds)
+                             digits=digits, compare_with=compare, expected_n=seeds, failures=run_failures(out))
     except ValueError as e:
         _fail(str(e))
     if output:

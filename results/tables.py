@@ -42,13 +42,13 @@ METRIC_LABELS = {"acc": "ACC", "asr": "ASR", "ra": "RA", "der": "DER", "bd_acc":
 # method under study.
 ORDER = {
     "attack": ["badnets", "blended", "wanet", "inputaware", "lf", "ssba", "trojannn", "sig", "lc", "bpp"],
-    "defense": ["none", "ft", "fp", "nad", "nc", "anp", "ibau", "clp", "ftsam", "sau", "tsbd"],
+    "defense": ["none", "ft", "fp", "nad", "nc", "anp", "ibau", "clp", "rnp", "ftsam", "sau", "nwcfp", "tsbd"],
 }
 DISPLAY = {
     "badnets": "BadNets", "blended": "Blended", "wanet": "WaNet", "inputaware": "Input-aware", "lf": "LF",
     "ssba": "SSBA", "trojannn": "TrojanNN", "sig": "SIG", "lc": "LC", "bpp": "BppAttack", "none": "No defense", "ft": "FT",
     "fp": "FP", "nad": "NAD", "nc": "NC", "anp": "ANP", "ibau": "i-BAU", "clp": "CLP", "ftsam": "FT-SAM",
-    "sau": "SAU", "tsbd": "TSBD",
+    "sau": "SAU", "tsbd": "TSBD", "rnp": "RNP", "nwcfp": "NWC-FP",
 }
 MISSING = "—"
 SOURCE_LABELS = {"backdoorbench": "BackdoorBench"}
@@ -74,7 +74,18 @@ class Pivot:
     digits: int = 1
     expected_n: int = 1  # counts below this are shown
     tuned: set = field(default_factory=set)  # (row_key, col_key) tuned on their own attack
+    weak: set = field(default_factory=set)  # (row_key, col_key) whose backdoored model is no real start (see SANITY)
+    failed: dict = field(default_factory=dict)  # (row_key, col_key) -> failure file of a stage that failed
     notes: list[str] = field(default_factory=list)
+
+
+# A defense result is only meaningful on a model that has a backdoor and has learnt its task:
+# below this ASR before defense (a weak or failed implant) or with clean ACC under twice chance,
+# a cell is marked ‡ and its DER is not shown. Chance needs the class count; unknown datasets
+# (your own) use 10 classes.
+SANITY_MIN_ASR = 0.5
+CLASSES = {"cifar10": 10, "cifar100": 100, "gtsrb": 43, "tiny-imagenet": 200, "mnist": 10, "synthetic": 10}
+WEAK, FAILED = "‡", "failed"
 
 
 # ---------------------------------------------------------------- selecting and aggregating
@@ -188,8 +199,9 @@ def _is_none_defense(fields: list[str], key: tuple) -> bool:
 
 def pivot(df: pd.DataFrame, metrics: Sequence[str] = ("acc", "asr", "der"), rows: str | Sequence[str] = "attack",
           cols: str | Sequence[str] = "defense", filters: dict | None = None, split: str | None = "test",
-          digits: int = 1, expected_n: int | None = None) -> Pivot:
-    """Aggregate ``df`` (``results.load`` output, metrics as fractions) into a Pivot in percent."""
+          digits: int = 1, expected_n: int | None = None, failures: list[dict] | None = None) -> Pivot:
+    """Aggregate ``df`` (``results.load`` output, metrics as fractions) into a Pivot in percent.
+    ``failures``: the run's failed stages (``state.json``), shown as failed cells."""
     rows, cols, metrics = _as_list(rows), _as_list(cols), _as_list(metrics)
     bad = [m for m in metrics if m not in METRICS]
     if bad:
@@ -223,20 +235,57 @@ def pivot(df: pd.DataFrame, metrics: Sequence[str] = ("acc", "asr", "der"), rows
         for c in IDENTITY:
             if c in g.columns and c not in rows + cols and g[c].astype("string").nunique(dropna=False) > 1:
                 mixed.setdefault(c, set()).update(g[c].astype("string").fillna("null"))
+        if _weak_model(g):
+            p.weak.add((rk, ck))
         if "tuned_on" in g.columns and "attack" in rows + cols:
             tuned = {norm(a) for s in g["tuned_on"].dropna().astype(str) for a in s.split(",") if a.strip()}
             if norm(k[(rows + cols).index("attack")]) in tuned:
                 p.tuned.add((rk, ck))
     ns = [s.n for s in p.cells.values()]
     p.expected_n = expected_n or (max(ns) if ns else 1)
+    _mark_failures(p, failures or [])
     _add_notes(p, sel, mixed)
     return p
+
+
+def _weak_model(g: pd.DataFrame) -> bool:
+    """The rows' backdoored model: ASR before defense under SANITY_MIN_ASR, or clean ACC under
+    twice chance (mean over the group's seeds)."""
+    if "bd_asr" not in g or "bd_acc" not in g:
+        return False
+    asr, acc = pd.to_numeric(g["bd_asr"], errors="coerce").mean(), pd.to_numeric(g["bd_acc"], errors="coerce").mean()
+    k = CLASSES.get(str(g["dataset"].iloc[0]), 10) if "dataset" in g else 10
+    return bool((asr == asr and asr < SANITY_MIN_ASR) or (acc == acc and acc < 2.0 / k))
+
+
+def _mark_failures(p: Pivot, failures: list[dict]) -> None:
+    """Cells of stages that failed (``{"info": stage identity, "file": failure file}``): a field
+    the failed stage does not have (an attack stage has no defense) matches every value."""
+    fields = p.rows + p.cols
+    for f in failures:
+        info = f.get("info") or {}
+        if not any(k in info for k in fields):
+            continue
+        want = tuple(info.get(k) for k in fields)
+        keys = [rk + ck for rk in p.row_keys for ck in p.col_keys] or []
+        hits = [k for k in keys if all(w is None or str(w) == str(v) for w, v in zip(want, k))]
+        if not hits and None not in want:  # nothing of that cell finished: it still gets its place
+            hits = [want]
+            rk, ck = want[: len(p.rows)], want[len(p.rows):]
+            if rk not in p.row_keys:
+                p.row_keys.append(rk)
+            if ck not in p.col_keys:
+                p.col_keys.append(ck)
+        for k in hits:
+            p.failed[(k[: len(p.rows)], k[len(p.rows):])] = f.get("file", "")
 
 
 def _add_notes(p: Pivot, sel: pd.DataFrame, mixed: dict[str, set]) -> None:
     missing = []
     for rk in p.row_keys:
         for ck in p.col_keys:
+            if (rk, ck) in p.failed:
+                continue
             ms = [m for m in p.metrics if (rk, ck, m) not in p.cells
                   and not (m == "der" and (_is_none_defense(p.cols, ck) or _is_none_defense(p.rows, rk)))]
             if ms:
@@ -251,6 +300,14 @@ def _add_notes(p: Pivot, sel: pd.DataFrame, mixed: dict[str, set]) -> None:
         p.notes.append("Cells average over differing " + "; ".join(
             f"{c} ({', '.join(sorted(v)[:4])}{', ...' if len(v) > 4 else ''})" for c, v in sorted(mixed.items()))
             + ": filter them (--filter) or add them to --rows/--cols.")
+    if p.failed:
+        files = sorted({f for f in p.failed.values() if f})
+        p.notes.append(f"{FAILED}: the stage failed; its traceback: " + "; ".join(files) + " (rerun `bdgrid run` to retry).")
+    if p.weak:
+        what = sorted({", ".join(f"{f}={v}" for f, v in zip(p.rows, rk)) for rk, _ in p.weak})
+        p.notes.append(f"{WEAK} not a meaningful starting point: before any defense the model's ASR is below "
+                       f"{100 * SANITY_MIN_ASR:.0f}% (no real backdoor) or its clean ACC is under twice chance; "
+                       f"DER is not shown there ({'; '.join(what)}).")
     if "tuned_on" in sel.columns and sel["tuned_on"].notna().any():
         per = (sel.dropna(subset=["tuned_on"]).groupby("defense")["tuned_on"]
                .agg(lambda s: sorted({a.strip() for x in s.astype(str) for a in x.split(",") if a.strip()})))
@@ -311,9 +368,15 @@ def to_text_table(p: Pivot) -> TextTable:
             for m in p.metrics:
                 s = p.cells.get((rk, ck, m))
                 txt = fmt_stat(s, p.digits, p.expected_n)
+                if s is None and (rk, ck) in p.failed:
+                    txt = FAILED
+                elif (rk, ck) in p.weak and m == "der":
+                    txt = WEAK  # a rating against a model without a backdoor would mislead
+                elif s is not None and (rk, ck) in p.weak:
+                    txt += f" {WEAK}"
                 if s is not None and (rk, ck) in p.tuned:
                     txt += " †"
-                cells.append((txt, ck in best[m]))
+                cells.append((txt, ck in best[m] and (rk, ck) not in p.weak))
         body.append(([_label(v) for v in rk], cells))
     return TextTable(stub, groups, body, p.notes)
 
@@ -464,11 +527,11 @@ FORMATS = ("md", "latex", "csv", "html")
 def render(df: pd.DataFrame, fmt: str = "md", metrics: Sequence[str] = ("acc", "asr", "der"),
            rows: str | Sequence[str] = "attack", cols: str | Sequence[str] = "defense", filters: dict | None = None,
            split: str | None = "test", digits: int = 1, compare_with: str | None = None,
-           expected_n: int | None = None) -> tuple[str, list[str]]:
+           expected_n: int | None = None, failures: list[dict] | None = None) -> tuple[str, list[str]]:
     """The table as text in ``fmt`` and its notes (already inside the text for md/latex/html)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format '{fmt}'; valid: {', '.join(FORMATS)}")
-    p = pivot(df, metrics, rows, cols, filters, split, digits, expected_n)
+    p = pivot(df, metrics, rows, cols, filters, split, digits, expected_n, failures)
     if compare_with:
         t = compare(p, compare_with, select(df, filters, split))
         if fmt == "csv":

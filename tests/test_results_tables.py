@@ -240,3 +240,41 @@ def test_compare_shows_ours_theirs_and_difference(fixture):
     assert any("dataset=synthetic" in n for n in notes)  # comparing across settings is flagged
     with pytest.raises(ValueError, match="unknown published source"):
         render(results.load(fixture), "md", compare_with="nowhere")
+
+
+def test_weak_backdoor_and_chance_accuracy_are_marked_and_their_der_hidden():
+    rows = []
+    for attack, bd_acc, bd_asr in (("badnets", 0.90, 0.401), ("blended", 0.12, 0.99), ("wanet", 0.90, 0.97)):
+        for defense, acc, asr in (("none", bd_acc, bd_asr), ("tsbd", bd_acc - 0.02, 0.05)):
+            rows.append(dict(BASE, attack=attack, defense=defense, seed=0, acc=acc, asr=asr, bd_acc=bd_acc,
+                             bd_asr=bd_asr, der=0.618))
+    p = pivot(pd.DataFrame(rows))
+    assert p.weak == {(("badnets",), ("none",)), (("badnets",), ("tsbd",)), (("blended",), ("none",)),
+                      (("blended",), ("tsbd",))}  # 40.1% ASR before: no backdoor; 12% ACC on 10 classes: no task
+    text, notes = render(pd.DataFrame(rows), "md")
+    line = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ")}
+    assert "61.8" not in line["BadNets"] and "‡" in line["BadNets"]  # the DER is not shown as if meaningful
+    assert "61.8" in line["WaNet"] and "‡" not in line["WaNet"]
+    assert any("not a meaningful starting point" in n and "below 50%" in n for n in notes)
+
+
+def test_a_failed_stage_is_a_failed_cell_with_its_file_in_a_note():
+    rows = [dict(BASE, attack="badnets", defense=d, seed=0, acc=0.9, asr=a, bd_acc=0.9, bd_asr=0.97, der=0.9)
+            for d, a in (("none", 0.97), ("ft", 0.5))]
+    failures = [{"stage": "defense[...]", "error": "RuntimeError: boom", "file": "/runs/x/failures/defense-abc.txt",
+                 "info": {"dataset": "synthetic", "attack": "badnets", "defense": "tsbd"}}]
+    p = pivot(pd.DataFrame(rows), failures=failures)
+    assert (("badnets",), ("tsbd",)) in p.failed and ("tsbd",) in p.col_keys  # a column for it though nothing finished
+    text, notes = render(pd.DataFrame(rows), "md", failures=failures)
+    assert "| failed |" in text.replace("failed  ", "failed ") or " failed " in text
+    assert any("defense-abc.txt" in n for n in notes)
+    assert not any("no result for" in n and "tsbd" in n for n in notes)  # failed, not silently missing
+
+
+def test_rnp_and_nwc_fp_have_their_names_and_places():
+    rows = [dict(BASE, attack="badnets", defense=d, seed=0, acc=0.9, asr=0.1, der=0.9)
+            for d in ("tsbd", "rnp", "none", "nwc_fp", "ft")]
+    p = pivot(pd.DataFrame(rows))
+    assert [k[0] for k in p.col_keys] == ["none", "ft", "rnp", "nwc_fp", "tsbd"]
+    text, _ = render(pd.DataFrame(rows), "md")
+    assert "RNP" in text and "NWC-FP" in text
