@@ -48,6 +48,7 @@ def trial(
         from grid.plan import trial_model_key
 
         print(json.dumps({**{k: res[k] for k in keys}, "model_key": trial_model_key(cfg),
+                          "warning": weak_model(res, dataset),
                           "n_poison": res["n_poison"], "wall_s": res["wall_s"],
                           "device": res["device"], "config": res["config"], "diagnostics": res["diagnostics"]},
                          default=str))
@@ -59,8 +60,27 @@ def trial(
     if defense != "none":
         t.add_row(defense, *(f"{100 * res[k]:.2f}" for k in ("acc", "asr", "ra")))
     console.print(t)
+    weak = weak_model(res, dataset)
+    if weak:
+        console.print(f"[yellow]warning[/] {weak}", highlight=False)
     if defense != "none":
-        console.print(f"DER {100 * res['der']:.2f}%   ({res['wall_s']:.1f} s on {res['device']})")
+        der = "n/a (see the warning)" if weak else f"{100 * res['der']:.2f}%"
+        console.print(f"DER {der}   ({res['wall_s']:.1f} s on {res['device']})")
+
+
+def weak_model(res: dict, dataset: str) -> str | None:
+    """Why this backdoored model is no meaningful start for a defense (the tables' ‡ rule), or None."""
+    from defense.data import DATASETS
+    from results.tables import SANITY_MIN_ASR
+
+    k = DATASETS.get(dataset).meta["info"].num_classes
+    if res["bd_asr"] < SANITY_MIN_ASR:
+        return (f"the backdoored model's ASR is {100 * res['bd_asr']:.1f}% before any defense (under "
+                f"{100 * SANITY_MIN_ASR:.0f}%): there is no real backdoor to remove; train longer or strengthen the trigger")
+    if res["bd_acc"] < 2.0 / k:
+        return (f"the backdoored model's clean ACC is {100 * res['bd_acc']:.1f}%, under twice chance ({200 / k:.0f}%): "
+                f"it has not learnt the task")
+    return None
 
 
 def check_trial(cfg) -> list[str]:
