@@ -152,8 +152,11 @@ def add_cell(plan: Plan, ls: LoadedSpec, cell: Cell) -> CellStages:
                     run={"root": ds.root, "base_dir": str(ls.base_dir)}, info={"dataset": ds.name})
     aentry = ATTACKS.get(atk.name)
     aparams = _resolved(aentry, atk.params)
+    dparams = _resolved(DATASETS.get(ds.name), ds.params)
     ident = {"dataset": ds.name, "arch": cell.arch, "attack": atk.name, "attack_params": canon(aparams),
-             "pratio": cell.pratio, "target": s.target, "seed": cell.seed}
+             "pratio": cell.pratio, "target": s.target, "seed": cell.seed, "recipe": recipe["name"],
+             "epochs": recipe["epochs"], "dataset_params": canon(dparams), "defender_ratio": s.defender_ratio,
+             "val_ratio": s.val_ratio}
     parents: tuple = (data.key,)
     if aentry.meta.get("resources"):
         # one per (data, attack, params, arch, recipe, target, seed): the resource cache

@@ -320,7 +320,10 @@ def run_eval(stage: Stage, data: dict, store: ArtifactStore, env: dict) -> dict:
     val_idx, test_idx = val_test_indices(len(test), stage.config["val_ratio"], seed=0)
     ident = {k: v for k, v in stage.info.items() if k != "defense_name"}
     base = {**ident, "grid": env.get("grid"), "spec_hash": env.get("spec_hash"), "device": src.get("device", dev),
-            "wall_s": float(src.get("wall_s", 0.0)), "defense_name": stage.info.get("defense_name", "none")}
+            "defense_name": stage.info.get("defense_name", "none"),
+            # each time is its own stage's: the defense's (0 for no defense), the attack training's
+            "wall_s": float(src.get("wall_s", 0.0)) if defended else 0.0, "attack_wall_s": float(atk.get("wall_s", 0.0)),
+            "model_key": stage.parents[1], "defense_key": stage.parents[2] if defended else None}
     # result rows only: the curves rows share ``base`` and would repeat it on every epoch
     said = _defense_extra(src) if defended else {}
     rows = []
@@ -334,7 +337,8 @@ def run_eval(stage: Stage, data: dict, store: ArtifactStore, env: dict) -> dict:
                  if defended else before)
         rows.append({**base, **said, "split": split, **after, "der": der(before["acc"], before["asr"], after["acc"], after["asr"]),
                      "bd_acc": before["acc"], "bd_asr": before["asr"], "bd_ra": before["ra"],
-                     "bd_digest": _bd_digest(atk, idx), "started_at": t0, "ended_at": time.time()})
+                     "bd_digest": _bd_digest(atk, idx), "eval_s": time.time() - t0, "started_at": t0,
+                     "ended_at": time.time()})
     curves = (_curve_rows(base, json.loads(src["curves"]), "defense") if defended
               else _curve_rows(base, json.loads(atk["history"]), "attack"))
     # returned, not written here: the driver writes them (see ``write_rows``), so results land

@@ -88,9 +88,11 @@ class ArtifactStore:
         return self.fs.get_file_info(self.path(kind, key)).type == pafs.FileType.File
 
     def verify(self, kind: str, key: str) -> bool:
-        """True when the artifact is present and intact."""
+        """True when the artifact is present, intact and loadable with ``weights_only=True`` (a
+        file with a valid checksum that the safe loader refuses, e.g. one written by another
+        version or with a pickled object, is as unusable as a truncated one: it is recomputed)."""
         try:
-            self.get_bytes(kind, key)
+            self._load(self.get_bytes(kind, key), self.path(kind, key))
             return True
         except (FileNotFoundError, CorruptArtifact):
             return False
@@ -111,6 +113,18 @@ class ArtifactStore:
         return self.put_bytes(kind, key, buf.getvalue())
 
     def get(self, kind: str, key: str) -> Any:
+        return self._load(self.get_bytes(kind, key), self.path(kind, key))
+
+    @staticmethod
+    def _load(payload: bytes, where: str) -> Any:
+        import pickle
+
         import torch
 
-        return torch.load(io.BytesIO(self.get_bytes(kind, key)), map_location="cpu", weights_only=True)
+        try:
+            return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
+            # torch's own message suggests weights_only=False: never for a file we did not just write
+            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise CorruptArtifact(f"{where}: the safe loader (weights_only=True) refuses it ({first}); "
+                                  f"it will be recomputed") from None

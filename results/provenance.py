@@ -32,6 +32,18 @@ def git_commit() -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=1)
+def versions() -> dict:
+    """torch and python versions, read without importing torch (results stays torch-free)."""
+    import platform
+
+    try:
+        torch = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch = None
+    return {"torch_version": torch, "python_version": platform.python_version()}
+
+
 def defaults() -> dict:
     """Provenance columns the writer fills when the caller did not."""
-    return {"version": package_version(), "git_commit": git_commit()}
+    return {"version": package_version(), "git_commit": git_commit(), **versions()}

@@ -18,8 +18,13 @@ Version history (the reader upgrades older files, see ``results.reader``):
 
 * v1: the first minimal writer: whatever keys the rows had, plus ``stage, key,
   schema_version`` and ``written_at`` as float epoch seconds.
-* v2: this schema: fixed columns and types, JSON ``attack_params``/``params``/``extra``,
+* v2: fixed columns and types, JSON ``attack_params``/``params``/``extra``,
   timestamps as UTC ``timestamp[us]``, provenance columns.
+* v3: this schema: rows say what they are without the ``extra`` JSON: ``defense_name`` (the
+  method, where ``defense`` is the label), ``recipe``, ``epochs``, ``dataset_params``,
+  ``defender_ratio``, ``val_ratio``; ``model_key`` (the backdoored model's artifact) and
+  ``defense_key`` (the purified model's: ``bdgrid export-model --key``); ``torch_version``,
+  ``python_version``.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 TS = pa.timestamp("us", tz="UTC")
 
@@ -49,6 +54,12 @@ IDENTITY = [
     ("seed", pa.int64()),
     ("defense", pa.string()),
     ("params", pa.string()),
+    ("defense_name", pa.string()),  # the method (``defense`` is its label: tsbd(n=0.2), tsbd (tuned))
+    ("recipe", pa.string()),  # attack-training recipe (fast | paper) and its epochs
+    ("epochs", pa.int64()),
+    ("dataset_params", pa.string()),  # JSON, e.g. {"n_train": 10000, ...}
+    ("defender_ratio", pa.float64()),
+    ("val_ratio", pa.float64()),
     ("split", pa.string()),
     # Attacks a tuned defense's hyperparameters were chosen on (comma-separated), null when
     # untuned: lets a table say which rows are "tuned on the same attack".
@@ -72,8 +83,12 @@ PROVENANCE = [
     ("version", pa.string()),  # bdgrid package version (importlib.metadata)
     ("git_commit", pa.string()),  # HEAD of the source checkout, null outside git
     ("spec_hash", pa.string()),  # sha256 of the grid spec that asked for the stage
+    ("model_key", pa.string()),  # artifact key of the backdoored model (attack stage)
+    ("defense_key", pa.string()),  # artifact key of the purified model (defense stage), null for none
+    ("torch_version", pa.string()),
+    ("python_version", pa.string()),
     ("device", pa.string()),
-    ("wall_s", pa.float64()),
+    ("wall_s", pa.float64()),  # the defense stage's own seconds (0 for no defense)
     ("peak_mem_mb", pa.float64()),
     ("started_at", TS),
     ("ended_at", TS),
@@ -97,7 +112,7 @@ SCHEMAS = {
 # and objective values in ``extra``; kept apart so that they never enter a paper table.
 SCHEMAS["trials"] = SCHEMAS["results"]
 
-JSON_COLUMNS = ("attack_params", "params", "extra")
+JSON_COLUMNS = ("attack_params", "params", "dataset_params", "extra")
 TIME_COLUMNS = ("started_at", "ended_at", "written_at")
 
 

@@ -119,6 +119,32 @@ def test_two_attacks_three_defenses_train_two_models_and_rerun_is_a_noop(ray_ses
     state = __import__("json").loads((out / "state.json").read_text())
     assert state["finished"] and state["counts"]["attack"]["done"] == 2
 
+    # rows say what they are, as columns
+    row = df[(df.defense == "ft(lr=0.01)") & (df.split == "test")].iloc[0]
+    assert (row["defense_name"], row["recipe"], row["epochs"], row["defender_ratio"], row["val_ratio"]) == (
+        "ft", "fast", 1, 0.05, 0.2)
+    assert __import__("json").loads(row["dataset_params"])["n_train"] == 600 and row["torch_version"]
+    assert row["wall_s"] > 0 and (none["wall_s"] == 0).all()  # each its own stage's time: none has no defense
+    # the purified model of a row, exported as a plain state_dict
+    from typer.testing import CliRunner
+
+    import torch
+
+    from defense.models import create_model
+    from grid.cli import app
+
+    r = CliRunner().invoke(app, ["export-model", str(tmp_path / "ft.pt"), "--out", str(out), "--key",
+                                 row["defense_key"]])
+    assert r.exit_code == 0, r.output
+    state = torch.load(tmp_path / "ft.pt", weights_only=True)
+    model = create_model("tiny_cnn", num_classes=10, in_channels=3, image_size=32)
+    model.load_state_dict(state)  # every tensor of the architecture, nothing else
+    from grid.store import ArtifactStore
+
+    stored = ArtifactStore(out / "artifacts").get("defense", row["defense_key"])["state"]
+    assert all(torch.equal(state[k], v) for k, v in stored.items())
+    assert row["model_key"] != row["defense_key"]
+
     before = len(executed(out))
     again = run(out, spec(defenses=defenses))
     assert again.ok and not again.done  # resume: everything was done, nothing ran

@@ -256,6 +256,26 @@ def test_store_roundtrip_and_corruption(tmp_path):
     assert uri.get("eval", "ef" * 32) == {"x": 1}
 
 
+def test_artifact_the_safe_loader_refuses_is_corrupt_and_the_message_never_says_weights_only_false(tmp_path):
+    """A valid checksum around a pickle that weights_only=True refuses (an arbitrary object): not
+    trusted, reported as corrupt (so the runner recomputes it), and never the advice to unpickle it."""
+    import argparse
+    import io
+
+    import torch
+
+    from grid.store import ArtifactStore, CorruptArtifact
+
+    st = ArtifactStore(tmp_path / "a")
+    buf = io.BytesIO()
+    torch.save({"state": argparse.Namespace(a=1)}, buf)  # a class outside the safe loader's allowlist
+    st.put_bytes("attack", "ab" * 32, buf.getvalue())
+    assert not st.verify("attack", "ab" * 32)
+    with pytest.raises(CorruptArtifact) as e:
+        st.get("attack", "ab" * 32)
+    assert "weights_only=True" in str(e.value) and "weights_only=False" not in str(e.value)
+
+
 # ----------------------------------------------------------------------------- examples and cluster.yaml
 
 def test_cluster_yaml_passes_ray_schema():

@@ -5,6 +5,7 @@
     tune             grid.cli.tune       Optuna over a grid spec's tune: block
     attacks ...      grid.cli.attacks    list attacks, preview triggers
     defenses list    grid.cli.defenses   every defense with its parameters, defaults and meanings
+    export-model     grid.cli.export     a run's model as a plain state_dict
     table/plot       results.results_cli
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 
 import typer
 
-from grid.cli import attacks, defenses, grid, trial, tune
+from grid.cli import attacks, defenses, export, grid, trial, tune
 from results.results_cli import plot, table
 
 app = typer.Typer(help="bdgrid: attack-by-defense experiment grids for backdoor-defense research.",
@@ -48,6 +49,7 @@ app.command("validate")(grid.validate_cmd)
 app.command("status")(grid.status_cmd)
 app.command("tune")(tune.tune)
 app.command("table")(table)
+app.command("export-model")(export.export_model)
 app.command("plot")(plot)
 app.add_typer(attacks.attacks_app, name="attacks")
 app.add_typer(defenses.defenses_app, name="defenses")
