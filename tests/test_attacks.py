@@ -3,6 +3,8 @@ per each attack's rate definition, triggers only where they belong, backdoor tes
 target-class images, and the per-batch hooks of the training-controlled attacks."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -181,5 +183,14 @@ def test_cli_list_and_preview(tmp_path):
     for name in ("badnets", "wanet"):
         im = Image.open(tmp_path / "pv" / f"{name}.png")
         assert im.size[0] > 100 and im.size[1] > 100
+    assert "[1/2] badnets" in r.output and "PSNR" in r.output and "% of pixels changed" in r.output
+    # badnets changes a 3x3 patch: 9 of 1,024 pixels (0.9%)
+    assert re.search(r"badnets\s+->.*PSNR.*\s0\.9% of pixels changed", " ".join(r.output.split())), r.output
+    # an attack with trained resources previews with quick settings by default (not the minutes of --full)
+    r = CliRunner().invoke(app, ["attacks", "preview", "--out", str(tmp_path / "pv"), "-a", "lf", "--data-param",
+                                 "n_train=600", "--data-param", "n_test=100", "--n", "2",
+                                 "--resources", str(tmp_path / "res"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "pv" / "lf.png").exists() and "trains its resources the first time" in r.output
     r = CliRunner().invoke(app, ["attacks", "preview", "-a", "wanet", "-p", "wanet.kk=3", "--out", str(tmp_path)])
     assert r.exit_code != 0 and "did you mean 'k'" in r.output

@@ -74,6 +74,31 @@ def save_preview(path: Path, clean, poisoned, title: str, amplify: float = 5.0) 
     return float((p - c).abs().mean())
 
 
+# Preview settings (without --full): enough to see what each trigger looks like, in seconds to a
+# minute each on a laptop CPU, not the fidelity settings a grid trains with. Resources built with
+# them are cached under their own keys, apart from the full ones.
+QUICK = {
+    "inputaware": {"mask_epochs": 2, "width": 8},
+    "lf": {"steps": 60, "ref_epochs": 2},
+    "trojannn": {"iters": 100, "ref_epochs": 2},
+    "ssba": {"epochs": 2, "width": 16},
+    "lc": {"steps": 10, "ref_epochs": 2},
+}
+QUICK_DATA = {"synthetic": {"n_train": 2000, "n_test": 400}}
+
+
+def quality(clean, poisoned) -> str:
+    """What the trigger costs the image: PSNR (dB, on [0, 255]), the share of pixels it changes,
+    and the mean |difference| in grey levels."""
+    import math
+
+    c, p = clean.float(), poisoned.float()
+    mse = float(((p - c) ** 2).mean())
+    psnr = math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse)
+    changed = float((p != c).any(dim=1).float().mean())  # pixels with any channel changed
+    return f"PSNR {psnr:5.1f} dB, {100 * changed:5.1f}% of pixels changed, mean |diff| {float((p - c).abs().mean()):.2f}/255"
+
+
 @attacks_app.command("preview")
 def preview(
     dataset: str = typer.Option("synthetic", help="Dataset name."),
@@ -87,11 +112,15 @@ def preview(
     param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="attack.key=value, e.g. lf.steps=100."),
     data_param: Optional[List[str]] = typer.Option(None, "--data-param", help="Dataset parameter key=value."),
     data_root: Optional[str] = typer.Option(None, help="Folder with the dataset's files (not needed for synthetic)."),
-    resources: Path = typer.Option(Path(".bdgrid/resources"), help="Resource cache folder (reused across runs)."),
+    resources: Optional[Path] = typer.Option(None, help="Resource cache folder (default: $BDGRID_CACHE/resources, "
+                                                         "else ~/.cache/bdgrid/resources, shared with `bdgrid trial`)."),
     seed: int = typer.Option(0, help="Attack seed."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    full: bool = typer.Option(False, "--full", help="Use each attack's own settings and the full dataset (minutes "
+                                                   "to train resources) instead of quick preview settings."),
 ):
-    """Write <out>/<attack>.png: clean, poisoned and amplified |difference| side by side."""
+    """Write <out>/<attack>.png: clean, poisoned and amplified |difference| side by side, and print
+    each trigger's PSNR and the share of pixels it changes."""
     import torch
 
     from defense.attacks import ATTACKS, AttackContext
@@ -100,10 +129,13 @@ def preview(
     from defense.registry import BadParams, UnknownName
     from defense.resources import ResourceCache
     from defense.train import get_recipe, pick_device, train
+    from defense.trial import default_resources
     from grid.cli.common import console, fail, parse_params
 
     names = list(attack) if attack else ATTACKS.names()
     per = _split_params(param)
+    if not full:  # quick settings under the user's own -p values
+        per = {a: {**QUICK.get(a, {}), **per.get(a, {})} for a in set(names) | set(per)}
     try:
         entries = {a: ATTACKS.get(a) for a in names}
         params = {a: entries[a].make_params(per.get(a, {})) for a in names}
@@ -111,13 +143,17 @@ def preview(
         if unknown:
             fail(f"--param names attacks not previewed: {', '.join(sorted(unknown))}")
         rec = get_recipe(recipe)
-        tr, te = load_dataset(dataset, data_root, **parse_params(data_param))
+        dparams = {**({} if full else QUICK_DATA.get(dataset, {})), **parse_params(data_param, "--data-param")}
+        tr, te = load_dataset(dataset, data_root, **dparams)
     except (UnknownName, BadParams, FileNotFoundError) as e:
         fail(str(e))
     dev = pick_device(device)
-    cache = ResourceCache(resources)
-    for a in names:
+    cache = ResourceCache(resources) if resources else default_resources()
+    for i, a in enumerate(names, 1):
         t0 = time.perf_counter()
+        console.print(f"[{i}/{len(names)}] {a}: building the trigger"
+                      + (" (trains its resources the first time; cached after)" if entries[a].meta.get("resources") else "")
+                      + " ...", highlight=False)
         ctx = AttackContext(target=0, pratio=0.1, seed=seed, arch=arch, device=dev, resources=cache, recipe=rec)
         po = entries[a].fn(tr, te, params[a], ctx)
         if po.bd_test is None and po.hook is not None:  # trigger learnt together with the classifier
@@ -131,5 +167,6 @@ def preview(
         k = min(n, len(po.bd_idx))
         clean = te.x[po.bd_idx[:k].cpu()].cpu()
         pois = po.bd_test.x[:k].cpu()
-        mad = save_preview(out / f"{a}.png", clean, pois, f"{a} ({entries[a].meta.get('kind', '')})")
-        console.print(f"{a:12s} -> {out / (a + '.png')}  mean |diff| {mad:.2f}/255  ({time.perf_counter() - t0:.1f} s)")
+        save_preview(out / f"{a}.png", clean, pois, f"{a} ({entries[a].meta.get('kind', '')})")
+        console.print(f"{a:12s} -> {out / (a + '.png')}  {quality(clean, pois)}  ({time.perf_counter() - t0:.1f} s)",
+                      highlight=False)
