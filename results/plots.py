@@ -175,8 +175,12 @@ def curves(cdf: pd.DataFrame, dest: Path, filters: dict | None = None, metrics: 
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3, lw=0.5)
-    if len(lines) > 1:
-        fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=min(4, len(lines)),
+    if len(lines) > 1:  # one legend for every line of every panel (phases draw different lines)
+        handles = {}
+        for ax in axes.flat:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(lab, h)
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(4, len(handles)),
                    frameon=False, bbox_to_anchor=(0.5, 1.0))
     fig.tight_layout()
     return _save(fig, dest, "curves")

@@ -25,7 +25,7 @@ def _filters(items):
 
 
 def table(
-    out: Path = typer.Option(..., "--out", help="Run directory (holds results/*.parquet)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder (holds results/*.parquet)."),
     fmt: str = typer.Option("md", "--format", "-f", help="md, latex (booktabs), csv (tidy: one line per cell and metric) or html."),
     metrics: str = typer.Option("acc,asr,der", help="Comma-separated: acc, asr, ra, der, bd_acc, bd_asr, bd_ra."),
     rows: str = typer.Option("attack", help="Column(s) for the table rows, comma-separated (e.g. attack,pratio)."),
@@ -35,7 +35,7 @@ def table(
     digits: int = typer.Option(1, help="Decimals of the percentages."),
     seeds: Optional[int] = typer.Option(None, help="Seeds asked per cell; cells with fewer show (n=k). Default: the most any cell has."),
     compare: Optional[str] = typer.Option(None, help="Show ours beside published numbers: backdoorbench."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the table to this file instead of stdout."),
+    output: Optional[Path] = typer.Option(None, "--output", "-O", help="Write the table to this file instead of stdout."),
 ):
     """Attack x defense table of mean ± std over seeds (in %), best defense per row in bold."""
     from results.reader import load_report, run_failures
@@ -69,7 +69,7 @@ def table(
 
 
 def plot(
-    out: Path = typer.Option(..., "--out", help="Run directory (holds results/ and curves/)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder (holds results/ and curves/)."),
     kind: str = typer.Option(..., "--kind", help="acc-asr, tsbd-n or curves."),
     dest: Optional[Path] = typer.Option(None, help="Folder for the PNG and PDF (default <out>/figures)."),
     filter_: Optional[List[str]] = typer.Option(None, "--filter", help="column=value[,value] (repeatable)."),
@@ -95,3 +95,21 @@ def plot(
         _fail(str(e))
     for p in paths:
         typer.echo(str(p))
+
+
+def report(
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder."),
+    output: Optional[Path] = typer.Option(None, "--output", "-O", help="The HTML file (default <out>/report.html)."),
+):
+    """One self-contained HTML page of a run: tables, figures, failures, warnings, diagnostics,
+    provenance and time per stage; it opens with no network."""
+    from results.report import write
+    from results.writer import WriteError
+
+    if not out.is_dir():
+        _fail(f"no run folder {out}")
+    try:
+        path = write(out, output)
+    except WriteError as e:
+        _fail(f"{e}; write it elsewhere with --output", code=1)
+    typer.echo(str(path))

@@ -441,7 +441,7 @@ def text_latex(t: TextTable) -> str:
 def text_html(t: TextTable) -> str:
     e = html.escape
     grouped = not (len(t.groups) == 1 and not t.groups[0][0])
-    out = ["<table>", "<thead>"]
+    out = [f"<style>{HTML_CSS}</style>", '<table class="bdgrid-table">', "<thead>"]
     if grouped:
         out.append("<tr>" + "".join(f"<th rowspan=\"2\">{e(s)}</th>" for s in t.stub)
                    + "".join(f"<th colspan=\"{len(subs)}\">{e(g)}</th>" for g, subs in t.groups) + "</tr>")
@@ -453,8 +453,21 @@ def text_html(t: TextTable) -> str:
         out.append("<tr>" + "".join(f"<th>{e(x)}</th>" for x in labels)
                    + "".join(f"<td><b>{e(c)}</b></td>" if b else f"<td>{e(c)}</td>" for c, b in cells) + "</tr>")
     out += ["</tbody>", "</table>"]
-    out += [f"<p>{e(n)}</p>" for n in t.notes]
+    out += [f'<p class="bdgrid-note">{e(n)}</p>' for n in t.notes]
     return "\n".join(out) + "\n"
+
+
+# A paper-like table in any page the fragment lands in: booktabs-style rules, numbers right-aligned
+# in tabular figures, labels left.
+HTML_CSS = (".bdgrid-table{border-collapse:collapse;font:13px/1.4 system-ui,sans-serif;margin:0.5em 0}"
+            ".bdgrid-table thead{border-top:2px solid #222;border-bottom:1px solid #222}"
+            ".bdgrid-table tbody{border-bottom:2px solid #222}"
+            ".bdgrid-table th,.bdgrid-table td{padding:3px 10px}"
+            ".bdgrid-table td{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}"
+            ".bdgrid-table tbody th{text-align:left;font-weight:normal}"
+            ".bdgrid-table thead th{text-align:center}"
+            ".bdgrid-table tbody tr:nth-child(even){background:#f6f6f6}"
+            ".bdgrid-note{font:12px system-ui,sans-serif;color:#444;margin:0.2em 0}")
 
 
 def pivot_csv(p: Pivot) -> str:

@@ -6,7 +6,7 @@
     attacks ...      grid.cli.attacks    list attacks, preview triggers
     defenses list    grid.cli.defenses   every defense with its parameters, defaults and meanings
     export-model     grid.cli.export     a run's model as a plain state_dict
-    table/plot       results.results_cli
+    table/plot/report  results.results_cli
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import sys
 import typer
 
 from grid.cli import attacks, defenses, export, grid, trial, tune
-from results.results_cli import plot, table
+from results.results_cli import plot, report, table
 
 app = typer.Typer(help="bdgrid: attack-by-defense experiment grids for backdoor-defense research.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -51,6 +51,7 @@ app.command("tune")(tune.tune)
 app.command("table")(table)
 app.command("export-model")(export.export_model)
 app.command("plot")(plot)
+app.command("report")(report)
 app.add_typer(attacks.attacks_app, name="attacks")
 app.add_typer(defenses.defenses_app, name="defenses")
 
