@@ -373,3 +373,21 @@ def test_a_huge_grid_is_refused_from_its_axes_before_expansion(tmp_path):
     ls, probs = load_spec(small)
     assert "over the limit of 5" in every_problem(ls, probs, max_stages=5)[0].render()
     assert every_problem(ls, probs) == []  # under the default limit (and --max-stages lifts a lower one)
+
+
+def test_dry_run_plans_without_the_data_and_validate_agrees_on_the_rest(tmp_path):
+    """examples/paper-cifar10.yaml before its data is downloaded: validate names the missing root
+    (and, without --gpus, does not fail on GPU requests this machine cannot check); a dry run
+    still plans every stage and says what is missing."""
+    from grid.cli import app
+
+    example = Path(__file__).parent.parent / "examples" / "paper-cifar10.yaml"
+    root = example.parent / "data" / "cifar10"
+    if root.exists():
+        pytest.skip("the example's data is present here")
+    r = CliRunner().invoke(app, ["validate", str(example)], env={"COLUMNS": "200"})
+    assert r.exit_code == 2 and "dataset root not found" in r.output and "gpus" not in r.output.lower()
+    r = CliRunner().invoke(app, ["run", str(example), "--dry-run", "--out", str(tmp_path / "o")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "missing data (a real run needs it)" in r.output and "1512" in r.output  # every eval planned
+    assert not (tmp_path / "o").exists()  # a dry run writes nothing

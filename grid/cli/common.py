@@ -33,14 +33,20 @@ def parse_params(items: list[str] | None, flag: str = "--param") -> dict:
     return out
 
 
-def load_spec_or_exit(spec_file: str, gpus: float | None, max_stages: int | None = None):
+def load_spec_or_exit(spec_file: str, gpus: float | None, max_stages: int | None = None, data_missing_ok: bool = False):
     """Parse + validate a grid spec (a tune spec too); on problems print every one
-    (file:line: path: message) and exit 2."""
+    (file:line: path: message) and exit 2. With ``data_missing_ok`` (a dry run), a dataset root
+    that is not there yet is a note, not a problem: the plan does not need the data."""
     from grid.spec import load_spec
     from grid.validate import MAX_STAGES, every_problem
 
     ls, problems = load_spec(spec_file)
     problems = every_problem(ls, problems, gpus, max_stages or MAX_STAGES)
+    if data_missing_ok and ls.spec is not None:
+        missing = [p for p in problems if p.path[:1] == ("datasets",) and ("root" in p.path or "root:" in p.msg)]
+        for p in missing:
+            err.print(f"[yellow]missing data[/] (a real run needs it): {p.render(ls.file)}", highlight=False)
+        problems = [p for p in problems if p not in missing]
     if problems:
         n = len(problems)
         fail(f"{n} problem{'s' if n > 1 else ''} in {spec_file}:\n  " + "\n  ".join(p.render(ls.file) for p in problems))

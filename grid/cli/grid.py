@@ -14,17 +14,23 @@ from results.writer import WriteError
 
 def validate_cmd(
     spec_file: str = typer.Argument(..., help="Grid spec (YAML)."),
-    gpus: Optional[float] = typer.Option(None, help="GPUs the cluster will have (default: this machine's)."),
+    gpus: Optional[float] = typer.Option(None, help="Check GPU requests against a cluster of this many GPUs "
+                                                    "(default: not checked; `bdgrid run` checks the cluster it joins)."),
     max_stages: Optional[int] = typer.Option(None, help="Refuse a grid of more stages than this (default 10,000,000)."),
 ):
-    """Check a grid spec and report every problem with its line; exit 2 if there is any."""
+    """Check a grid spec and report every problem with its line; exit 2 if there is any. The
+    same checks as `bdgrid run --dry-run`."""
     from grid.plan import build_plan
 
-    ls = load_spec_or_exit(spec_file, local_gpus() if gpus is None else gpus, max_stages)
+    ls = load_spec_or_exit(spec_file, gpus, max_stages)
     plan = build_plan(ls)
     c = plan.counts()
     console.print(f"[green]ok[/]: {spec_file}: grid '{plan.grid}', {plan.cells} cells, "
                   + ", ".join(f"{v} {k}" for k, v in c.items() if v) + " stages")
+    asked = max(getattr(ls.spec.resources, k).gpus for k in ("attack", "prepare", "defense", "eval"))
+    if asked and gpus is None:
+        console.print(f"note: stages ask for GPUs (up to {asked:g} per task); not checked here "
+                      f"(this machine has {local_gpus()}); `--gpus N` checks against a cluster of N")
 
 
 def run_cmd(
@@ -48,7 +54,7 @@ def run_cmd(
     from grid.store import ArtifactStore
     from grid.validate import validate
 
-    ls = load_spec_or_exit(spec_file, None, max_stages)
+    ls = load_spec_or_exit(spec_file, None, max_stages, data_missing_ok=dry_run)
     out_path = out_dir(ls, out)
     if dry_run:
         plan = build_plan(ls)
