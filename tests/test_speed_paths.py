@@ -132,3 +132,20 @@ def test_grid_packing_without_gpu_says_so_and_exits_0():
     r = _bench("grid_packing.py", timeout=120)
     assert r.returncode == 0, r.stderr
     assert "needs a GPU" in r.stdout
+
+
+def test_paper_recipe_trains_backdoorbench_epochs_per_dataset():
+    """BackdoorBench config/attack/prototype/{cifar10,cifar100,gtsrb,tiny}.yaml: epochs 100, 100,
+    50, 200 (MNIST has no prototype: CIFAR-10's 100). An explicit epochs override still wins,
+    and other recipes and unknown datasets keep their own epochs."""
+    from defense.train import PAPER_EPOCHS
+
+    want = {"cifar10": 100, "cifar100": 100, "gtsrb": 50, "tiny-imagenet": 200, "mnist": 100}
+    assert {d: get_recipe("paper", dataset=d).epochs for d in want} == want
+    from defense.data import DATASETS
+
+    assert set(PAPER_EPOCHS) <= set(DATASETS.names())  # the keys are real dataset names
+    assert get_recipe("paper", dataset="gtsrb", epochs=7).epochs == 7
+    assert get_recipe("paper", dataset="synthetic").epochs == get_recipe("paper").epochs == 100
+    assert get_recipe("fast", dataset="gtsrb").epochs == get_recipe("fast").epochs == 15
+    assert get_recipe("paper", dataset="gtsrb").lr == get_recipe("paper").lr  # only the epochs differ
