@@ -325,7 +325,7 @@ ASR_PARAMS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(ASR_PARAMS))
-def test_optional_attack_implants_backdoor(name, small_data, tmp_path):
+def test_optional_attack_implants_backdoor_strengthened_trigger(name, small_data, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lc: 10% of 4000 is more than class 0 holds (capped)
         _, m = implant(name, ASR_PARAMS[name], small_data, ResourceCache(tmp_path), epochs=8)
