@@ -61,20 +61,23 @@ def sync(device) -> None:
 
 
 class Timer:
-    """``with Timer(device) as t: ...``; ``t.s`` is the synced wall time in seconds."""
+    """``with Timer(device) as t: ...``; ``t.s`` is the synced wall time in seconds, ``t.cpu`` the
+    process CPU time (all threads) over the same span."""
 
     def __init__(self, device="cpu"):
         self.device = device
         self.s = 0.0
+        self.cpu = 0.0
 
     def __enter__(self):
         sync(self.device)
-        self.t0 = time.perf_counter()
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc):
         sync(self.device)
         self.s = time.perf_counter() - self.t0
+        self.cpu = time.process_time() - self.c0
         return False
 
 
@@ -122,3 +125,31 @@ def write_json(path: str | None, obj: dict) -> None:
 
 def fmt_s(s: float | None) -> str:
     return "-" if s is None else (f"{s:.1f}s" if s < 600 else f"{s / 60:.1f}min")
+
+
+def alternating(sides: dict, reps: int) -> dict:
+    """Run each side ``reps`` times, alternating the order (A B, B A, A B, ...) so that a drift in
+    machine load falls on both sides alike. ``sides``: {label: fn() -> dict}; returns
+    {label: [result, ...]} in repetition order."""
+    labels = list(sides)
+    out = {k: [] for k in labels}
+    for r in range(reps):
+        for k in (labels if r % 2 == 0 else labels[::-1]):
+            out[k].append(sides[k]())
+    return out
+
+
+def spread(values: list) -> dict:
+    """Median, min, max and the relative spread (max - min) / median of measured values."""
+    v = sorted(x for x in values if x is not None)
+    if not v:
+        return {"median": None, "min": None, "max": None, "rel_spread": None, "n": 0}
+    n = len(v)
+    med = v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+    return {"median": med, "min": v[0], "max": v[-1], "rel_spread": (v[-1] - v[0]) / med if med else None, "n": n}
+
+
+def fmt_spread(s: dict, unit: str = "x", digits: int = 2) -> str:
+    if s["median"] is None:
+        return "-"
+    return f"{s['median']:.{digits}f}{unit} (min {s['min']:.{digits}f}, max {s['max']:.{digits}f}, n {s['n']})"

@@ -21,6 +21,10 @@ own code:
 Not transcribed: its DataLoader + PIL per-image transforms (both sides read the same GPU-resident
 tensors here), so the measured ratio is a lower bound on the real one.
 
+Both sides run ``--reps`` times (default 3) in alternating order; each stage is timed in wall
+and CPU seconds, the ratios are taken within a repetition and printed as median, min and max.
+The 11-ratio sweep ratio is PROJECTED from the measured stages (labelled so), not run.
+
 Ours: Stage 1a evaluates only the stop check (on Dc), Stage 2 perturbs in place (no copy), no
 per-epoch test evaluation, bf16 autocast on CUDA; the test sets are evaluated once at the end.
 
@@ -34,12 +38,13 @@ import copy
 import tempfile
 from pathlib import Path
 
-from _common import Timer, fmt_s, machine, poisoned_data, resolve_scale, write_json
+from _common import Timer, alternating, fmt_s, fmt_spread, machine, poisoned_data, resolve_scale, spread, write_json
 
 import torch
 import torch.nn.functional as F
 
 REF_RATIOS = (0.01, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 0.9)  # the reference's sweep
+STAGES = ("unlearn", "nwc", "zero_reinit", "finetune", "final_eval", "total")
 
 
 # ------------------------------------------------------------------ the reference, transcribed
@@ -107,7 +112,7 @@ def reference_tsbd(model0, clean, test, bd, p, n: float, device, seed: int, reco
             val_acc, _, _ = _ref_eval_all(model, clean, test, bd, p, gen)
             if val_acc <= p.threshold(clean.info.num_classes):
                 break
-    times["unlearn"] = t.s
+    times["unlearn"], times["unlearn_cpu"] = t.s, t.cpu
     times["unlearn_epochs"] = epochs
 
     with Timer(device) as t:  # ---- Stage 1b: NWC through Python lists and a text file
@@ -125,7 +130,7 @@ def reference_tsbd(model0, clean, test, bd, p, n: float, device, seed: int, reco
         torch.save(model.state_dict(), workdir / "unlearned_model.pt")
         rows = [ln.split() for ln in f.read_text().splitlines()[1:]]
         ranked = sorted(((r[1], int(r[2]), float(r[3])) for r in rows), key=lambda r: r[2], reverse=True)
-    times["nwc"] = t.s
+    times["nwc"], times["nwc_cpu"] = t.s, t.cpu
 
     with Timer(device) as t:  # ---- Stage 1c: zero reinit with Python lists, then a test evaluation
         net = copy.deepcopy(model0)
@@ -142,7 +147,7 @@ def reference_tsbd(model0, clean, test, bd, p, n: float, device, seed: int, reco
                 sd[name][j].view(-1)[hit] = 0.0
         net.load_state_dict(sd)
         _ref_eval_all(net, clean, test, bd, p, gen)
-    times["zero_reinit"] = t.s
+    times["zero_reinit"], times["zero_reinit_cpu"] = t.s, t.cpu
 
     with Timer(device) as t:  # ---- Stage 2: deep copy per batch, test evaluation every 10 passes
         opt = torch.optim.SGD(net.parameters(), lr=p.ft_lr, momentum=0.9)
@@ -168,7 +173,7 @@ def reference_tsbd(model0, clean, test, bd, p, n: float, device, seed: int, reco
                 F.cross_entropy(net(x), y).item()
             if epoch % 10 == 0:
                 _, _, _ = _ref_eval_all(net, clean, test, bd, p, gen)
-    times["finetune"] = t.s
+    times["finetune"], times["finetune_cpu"] = t.s, t.cpu
     net.eval()
     return net
 
@@ -186,16 +191,16 @@ def ours_tsbd(model0, clean, p, n: float, device, seed: int, times: dict) -> tor
     model0 = model0.to(device)
     with Timer(device) as t:
         unlearned, curve = clean_unlearn(model0, clean, p, ctx)
-    times["unlearn"], times["unlearn_epochs"] = t.s, len(curve)
+    times["unlearn"], times["unlearn_cpu"], times["unlearn_epochs"] = t.s, t.cpu, len(curve)
     with Timer(device) as t:
         nwc = neuron_weight_change(model0, unlearned, p.layer_type, p.nwc_decimals)
-    times["nwc"] = t.s
+    times["nwc"], times["nwc_cpu"] = t.s, t.cpu
     with Timer(device) as t:
         net, _ = zero_reinit(model0, nwc, n, p.m)
-    times["zero_reinit"] = t.s
+    times["zero_reinit"], times["zero_reinit_cpu"] = t.s, t.cpu
     with Timer(device) as t:
         activeness_finetune(net, clean, replace(p, n=n), ctx)
-    times["finetune"] = t.s
+    times["finetune"], times["finetune_cpu"] = t.s, t.cpu
     return net
 
 
@@ -235,6 +240,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--sides", default="ours,reference", help="which to run, comma-separated ('' for none)")
     ap.add_argument("--baselines", default="", help="also time these defenses (default params) on the same model, "
                                                      "e.g. anp,clp,fp,ft,ftsam,ibau,nad,rnp")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of each side, alternating order (>= 3)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
@@ -262,22 +268,31 @@ def main(argv=None) -> dict:
           f"{p.ft_epochs + 1} fine-tuning passes, device {device}"
           + (f"; backdoored model trained here in {fmt_s(train_s)}" if train_s else ""))
     before = attack_metrics(model0, test.to(device), bd.to(device), bd_true.to(device), 0)
-    res = {}
-    for side in [s.strip() for s in a.sides.split(",") if s.strip()]:
-        times: dict = {}
-        if side == "ours":
-            net = ours_tsbd(model0, clean, p, n, device, a.seed, times)
-        elif side == "reference":
-            with tempfile.TemporaryDirectory() as d:
-                net = reference_tsbd(model0, clean, test, bd, p, n, device, a.seed, None, Path(d), times)
-        else:
-            raise SystemExit(f"unknown side {side!r}; valid: ours, reference")
-        with Timer(device) as t:  # the one final evaluation both sides need for a result row
-            after = attack_metrics(net, test.to(device), bd.to(device), bd_true.to(device), 0)
-        times["final_eval"] = t.s
-        times["total"] = sum(v for k, v in times.items() if k != "unlearn_epochs")
-        res[side] = {"times": times, **after}
-        print(f"  {side:9s} done: {fmt_s(times['total'])}, acc {after['acc']:.4f} asr {after['asr']:.4f}", flush=True)
+    def side(name):
+        def run():
+            times: dict = {}
+            if name == "ours":
+                net = ours_tsbd(model0, clean, p, n, device, a.seed, times)
+            else:
+                with tempfile.TemporaryDirectory() as d:
+                    net = reference_tsbd(model0, clean, test, bd, p, n, device, a.seed, None, Path(d), times)
+            with Timer(device) as t:  # the one final evaluation both sides need for a result row
+                after = attack_metrics(net, test.to(device), bd.to(device), bd_true.to(device), 0)
+            times["final_eval"], times["final_eval_cpu"] = t.s, t.cpu
+            times["total"] = sum(times[k] for k in STAGES[:-1])
+            times["total_cpu"] = sum(times[f"{k}_cpu"] for k in STAGES[:-1])
+            print(f"  {name:9s} done: wall {fmt_s(times['total'])}, CPU {fmt_s(times['total_cpu'])}, "
+                  f"acc {after['acc']:.4f} asr {after['asr']:.4f}", flush=True)
+            return {"times": times, **after}
+        return run
+
+    sides = [s.strip() for s in a.sides.split(",") if s.strip()]
+    for s_ in sides:
+        if s_ not in ("ours", "reference"):
+            raise SystemExit(f"unknown side {s_!r}; valid: ours, reference")
+    reps = alternating({s_: side(s_) for s_ in sides}, a.reps) if sides else {}
+    # per side, the repetition with the median total wall time stands for it in the table and JSON
+    res = {k: sorted(v, key=lambda r: r["times"]["total"])[len(v) // 2] for k, v in reps.items()}
 
     base = {}
     for name in [b.strip() for b in a.baselines.split(",") if b.strip()]:
@@ -288,7 +303,7 @@ def main(argv=None) -> dict:
                               DefenseContext(device=device, seed=a.seed))
         with Timer(device) as te:
             after = attack_metrics(out.model, test.to(device), bd.to(device), bd_true.to(device), 0)
-        base[name] = {"defend_s": t.s, "final_eval": te.s, **after}
+        base[name] = {"defend_s": t.s, "defend_cpu_s": t.cpu, "final_eval": te.s, **after}
         print(f"  {name:9s} done: {fmt_s(t.s)}, acc {after['acc']:.4f} asr {after['asr']:.4f}", flush=True)
         if not res:  # a time limit (gpu_check.sh) may stop the run: keep what was measured so far
             write_json(a.json, {"machine": machine(), "arch": a.arch, "n_train": n_train, "n_test": n_test,
@@ -307,34 +322,41 @@ def main(argv=None) -> dict:
         write_json(a.json, out)
         return out
 
-    stages = ["unlearn", "nwc", "zero_reinit", "finetune", "final_eval", "total"]
-    print(f"\nbackdoored: ACC {before['acc']:.4f} ASR {before['asr']:.4f}")
-    print(f"{'stage':12s} " + " ".join(f"{s:>12s}" for s in res) + ("   ratio ref/ours" if len(res) == 2 else ""))
+    stages = STAGES
+    print(f"\nbackdoored: ACC {before['acc']:.4f} ASR {before['asr']:.4f}; {a.reps} repetitions per side, alternating")
+    print(f"{'stage (wall)':14s} " + " ".join(f"{s:>12s}" for s in res) + ("   ratio ref/ours" if len(res) == 2 else "")
+          + "   (median-time repetition)")
     for st in stages:
         vals = [res[s]["times"][st] for s in res]
-        line = f"{st:12s} " + " ".join(f"{fmt_s(v):>12s}" for v in vals)
+        line = f"{st:14s} " + " ".join(f"{fmt_s(v):>12s}" for v in vals)
         if "ours" in res and "reference" in res:
             o, r = res["ours"]["times"][st], res["reference"]["times"][st]
             line += f"   {r / o:8.2f}x" if o > 0 else "        -"
         print(line)
-    print(f"{'unlearn ep':12s} " + " ".join(f"{res[s]['times']['unlearn_epochs']:>12d}" for s in res))
-    print(f"{'ACC / ASR':12s} " + " ".join(f"{res[s]['acc']:.3f}/{res[s]['asr']:.3f}".rjust(12) for s in res))
+    print(f"{'unlearn ep':14s} " + " ".join(f"{res[s]['times']['unlearn_epochs']:>12d}" for s in res))
+    print(f"{'ACC / ASR':14s} " + " ".join(f"{res[s]['acc']:.3f}/{res[s]['asr']:.3f}".rjust(12) for s in res))
     summary = {}
     if "ours" in res and "reference" in res:
+        pairs = list(zip(reps["ours"], reps["reference"]))  # repetition i of both sides ran next to each other
+        summary = {"reps": a.reps,
+                   "ratio_total": spread([r["times"]["total"] / o["times"]["total"] for o, r in pairs]),
+                   "ratio_total_cpu": spread([r["times"]["total_cpu"] / o["times"]["total_cpu"] for o, r in pairs]),
+                   "ratio_by_stage": {st: spread([r["times"][st] / o["times"][st] for o, r in pairs
+                                                  if o["times"][st] > 0]) for st in stages}}
+        print(f"\nRATIO reference/ours TSBD wall time (one n): {fmt_spread(summary['ratio_total'])}")
+        print(f"RATIO reference/ours TSBD CPU time (one n): {fmt_spread(summary['ratio_total_cpu'])}")
+        # A sweep of the reference's 11 ratios shares Stage 1a/1b on both sides and repeats 1c + 2:
+        # computed from the measured stages, not run.
         o, r = res["ours"]["times"], res["reference"]["times"]
-        summary = {"ratio_total": r["total"] / o["total"],
-                   "ratio_by_stage": {st: (r[st] / o[st] if o[st] > 0 else None) for st in stages}}
-        print(f"\nRATIO reference/ours TSBD wall time (one n): {summary['ratio_total']:.2f}x")
-        # A sweep of the reference's 11 ratios shares Stage 1a/1b on both sides and repeats 1c + 2.
         per_n_o = o["zero_reinit"] + o["finetune"] + o["final_eval"]
         per_n_r = r["zero_reinit"] + r["finetune"] + r["final_eval"]
         sweep_o = o["unlearn"] + o["nwc"] + len(REF_RATIOS) * per_n_o
         sweep_r = r["unlearn"] + r["nwc"] + len(REF_RATIOS) * per_n_r
-        summary["ratio_sweep11"] = sweep_r / sweep_o
-        print(f"RATIO reference/ours, projected 11-ratio sweep: {sweep_r / sweep_o:.2f}x "
-              f"({fmt_s(sweep_r)} vs {fmt_s(sweep_o)})")
+        summary["ratio_sweep11_projected"] = sweep_r / sweep_o
+        print(f"PROJECTED (not run) reference/ours 11-ratio sweep, from the median repetition's stages: "
+              f"{sweep_r / sweep_o:.2f}x ({fmt_s(sweep_r)} vs {fmt_s(sweep_o)})")
     out = {"machine": machine(), "arch": a.arch, "n_train": n_train, "n_test": n_test, "n_clean": len(clean),
-           "n": n, "before": before, "results": res, "baselines": base, "summary": summary}
+           "n": n, "before": before, "results": res, "reps": reps, "baselines": base, "summary": summary}
     write_json(a.json, out)
     return out
 

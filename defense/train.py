@@ -10,9 +10,12 @@ Recipes (one typed place for every default, each with its source):
   cosine annealing, 100 epochs on CIFAR-10); the fidelity reference.
 - ``fast``: batch 512, one-cycle schedule (linear warm-up over 20% of the steps to lr 0.2, then
   linear decay to 0) with Nesterov momentum, 15 epochs. On CUDA also bf16 autocast,
-  channels_last, cuDNN autotuning, a fused SGD step, and optionally ``torch.compile``; every
-  one of these is a no-op on the CPU (tests/test_speed_paths.py checks the weights are
-  bit-identical). Ideas from airbench (github.com/KellerJordan/cifar10-airbench): data whole on
+  channels_last, cuDNN autotuning, a fused SGD step, and optionally ``torch.compile``. Which of
+  them a run uses is decided in one place, ``accel_for``: on the CPU they are off unless asked
+  (``train(..., accel_on_cpu=True)``), so CI runs the very code a GPU runs (bf16 autocast with
+  ``device_type="cpu"``, channels_last, the inductor CPU backend, the fused SGD step);
+  tests/test_speed_paths.py checks both that off is bit-identical to plain and that on implants
+  the same backdoor. Ideas from airbench (github.com/KellerJordan/cifar10-airbench): data whole on
   the GPU as uint8, crop/flip of whole batches with tensor ops, shuffle and augmentation drawn
   from a generator on the GPU, no DataLoader, no host sync inside an epoch, short one-cycle-like
   schedules at large batch. No label smoothing: it caps the target-class logit margin that the
@@ -22,6 +25,7 @@ Recipes (one typed place for every default, each with its source):
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Protocol
@@ -45,9 +49,9 @@ class Recipe:
     schedule: str = "cosine"  # cosine | onecycle | constant
     warmup_frac: float = 0.0  # one-cycle: fraction of steps spent warming up
     label_smoothing: float = 0.0
-    bf16: bool = False  # autocast to bf16 on CUDA only
-    channels_last: bool = False  # CUDA only
-    compile: bool = False  # torch.compile on CUDA only (drops the ragged last batch: static shapes, one graph)
+    bf16: bool = False  # autocast to bf16 (on CUDA; on the CPU only when asked, see accel_for)
+    channels_last: bool = False  # CUDA (CPU when asked)
+    compile: bool = False  # torch.compile, CUDA (CPU when asked); drops the ragged last batch: static shapes, one graph
     cudnn_benchmark: bool = False  # CUDA only: let cuDNN time its kernels once per shape and keep the fastest
     # Small data: shrink the batch so an epoch has at least this many steps, scaling lr with it
     # (linear rule, Goyal et al. 2017). 0 = off. At batch 512 on 4,000 images an epoch is 8 steps
@@ -68,16 +72,26 @@ RECIPES: dict[str, Recipe] = {
     ),
 }
 
-# The number of epochs the paper protocol prescribes per dataset (DESIGN.md).
+# Attack-training epochs of the ``paper`` recipe per dataset: BackdoorBench's
+# config/attack/prototype/{cifar10,cifar100,gtsrb,tiny}.yaml (github.com/SCLBD/BackdoorBench,
+# commit 3f4b1a9): ``epochs: 100`` for CIFAR-10 and CIFAR-100, 50 for GTSRB, 200 for
+# Tiny-ImageNet (whose prototype also uses ReduceLROnPlateau where we keep cosine annealing).
+# BackdoorBench has no MNIST prototype; MNIST gets CIFAR-10's 100. Datasets not listed (synthetic,
+# plug-ins) keep the recipe's own ``epochs`` (100).
 PAPER_EPOCHS = {"cifar10": 100, "cifar100": 100, "gtsrb": 50, "tiny-imagenet": 200, "mnist": 100}
 
 
-def get_recipe(name: str, **overrides) -> Recipe:
+def get_recipe(name: str, dataset: str | None = None, **overrides) -> Recipe:
+    """The recipe ``name`` with ``overrides`` (None values ignored). With ``dataset``, ``paper``
+    trains that dataset's BackdoorBench epochs (``PAPER_EPOCHS``) unless ``epochs`` is overridden."""
     from defense.registry import UnknownName, did_you_mean
 
     if name not in RECIPES:
         raise UnknownName(f"unknown recipe '{name}'{did_you_mean(name, RECIPES)}; valid: {', '.join(RECIPES)}")
-    return replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
+    r = RECIPES[name]
+    if name == "paper" and dataset in PAPER_EPOCHS:
+        r = replace(r, epochs=PAPER_EPOCHS[dataset])
+    return replace(r, **{k: v for k, v in overrides.items() if v is not None})
 
 
 class BatchHook(Protocol):
@@ -155,8 +169,8 @@ def fit_batch(r: Recipe, n: int) -> Recipe:
 
 
 def make_optimizer(model: torch.nn.Module, r: Recipe, steps: int, fused: bool = False):
-    """SGD + the recipe's per-step schedule. ``fused`` (CUDA only) updates all parameters in one
-    kernel; the arithmetic is the same as the default loop."""
+    """SGD + the recipe's per-step schedule. ``fused`` updates all parameters in one kernel (CUDA;
+    torch's fused CPU step is a vectorised loop); the arithmetic is the same as the default loop."""
     opt = torch.optim.SGD(model.parameters(), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay,
                           nesterov=r.nesterov and r.momentum > 0, fused=True if fused else None)
     if r.schedule == "cosine":  # stepped per epoch in BackdoorBench; per step here is equivalent in the limit
@@ -173,38 +187,78 @@ def make_optimizer(model: torch.nn.Module, r: Recipe, steps: int, fused: bool = 
     return opt, sched
 
 
+@dataclass(frozen=True)
+class Accel:
+    """The speed options one training run uses (the only place they are decided: ``accel_for``)."""
+
+    device: torch.device
+    bf16: bool = False  # bf16 autocast, device_type = device.type
+    channels_last: bool = False
+    compile: bool = False  # torch.compile (inductor: Triton on CUDA, C++ on the CPU)
+    fused: bool = False  # SGD's fused step (one kernel on CUDA; a vectorised loop on the CPU)
+    cudnn_benchmark: bool = False  # cuDNN only: nothing to do on the CPU
+
+
+def cpu_compiler() -> str | None:
+    """The C++ compiler inductor's CPU backend would call (``$CXX``, else g++/c++/clang++), or None."""
+    import os
+
+    for cand in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if cand and shutil.which(cand):
+            return shutil.which(cand)
+    return None
+
+
+def accel_for(recipe: Recipe, device: str | torch.device | None, on_cpu: bool = False) -> Accel:
+    """Which of ``recipe``'s speed options run on ``device``. On CUDA: all the recipe asks for.
+    Elsewhere: none, unless ``on_cpu`` (the GPU code path run on the CPU, for CI): then bf16,
+    channels_last, compile and the fused step as on CUDA; cuDNN autotuning has no CPU
+    counterpart. Raises ValueError when compile is asked on the CPU without a C++ compiler."""
+    device = pick_device(device)
+    use = device.type == "cuda" or on_cpu
+    acc = Accel(device, bf16=recipe.bf16 and use, channels_last=recipe.channels_last and use,
+                compile=recipe.compile and use, fused=use, cudnn_benchmark=recipe.cudnn_benchmark and device.type == "cuda")
+    if acc.compile and device.type == "cpu" and cpu_compiler() is None:
+        raise ValueError("torch.compile on the CPU (inductor's C++ backend) needs a C++ compiler: none of $CXX, g++, "
+                         "c++, clang++ is on PATH; install one or set compile=False")
+    return acc
+
+
 def train(model: torch.nn.Module, data: Data, recipe: Recipe, *, seed: int = 0,
           device: str | torch.device | None = None, hook: BatchHook | None = None,
           epochs: int | None = None, progress: bool | Callable[[dict], None] = False,
-          desc: str = "train", eval_fn: Callable[[torch.nn.Module], dict] | None = None) -> list[dict]:
+          desc: str = "train", eval_fn: Callable[[torch.nn.Module], dict] | None = None,
+          accel_on_cpu: bool = False) -> list[dict]:
     """Train ``model`` in place on ``data``; return one dict per epoch (loss, acc, lr, seconds).
 
     ``eval_fn`` (optional) runs after each epoch and its dict joins that epoch's row; by
     default nothing is evaluated per epoch, since evaluation belongs at the end of a trial.
     ``progress`` is True for a tqdm bar or a callable that receives each epoch's row.
+    ``accel_on_cpu`` runs the recipe's GPU options on the CPU too (``accel_for``).
     """
     device = pick_device(device)
-    cuda = device.type == "cuda"
+    acc = accel_for(recipe, device, accel_on_cpu)
     gen = seed_everything(seed)  # seeds the initial weights (global RNG) and the batch/augmentation stream
-    if cuda:
+    if device.type == "cuda":
         # Shuffle and augmentation draw on the GPU from a generator seeded alike, so the loop issues
         # no host-to-device copies and never blocks on the host (airbench keeps everything on device).
+        # On the CPU the CPU generator is already on the data's device: the same batched path.
         gen = torch.Generator(device=device).manual_seed(seed)
     data = data.to(device)  # uint8, whole: 150 MB for CIFAR-10, a no-op when already there
     epochs = epochs if epochs is not None else recipe.epochs
     recipe = fit_batch(recipe, len(data))
     model.to(device)
-    cl = recipe.channels_last and cuda
+    cl = acc.channels_last
     if cl:
         model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if (recipe.compile and cuda) else model
-    drop_last = recipe.compile and cuda  # a ragged last batch would compile a second graph
+    step_model = torch.compile(model) if acc.compile else model
+    drop_last = acc.compile  # a ragged last batch would compile a second graph
     steps_per_epoch = (len(data) // recipe.batch_size if drop_last and len(data) >= recipe.batch_size
                        else math.ceil(len(data) / recipe.batch_size))
-    opt, sched = make_optimizer(model, recipe, epochs * steps_per_epoch, fused=cuda)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if (recipe.bf16 and cuda) else _null()
+    opt, sched = make_optimizer(model, recipe, epochs * steps_per_epoch, fused=acc.fused)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if acc.bf16 else _null()
     bench_flag = torch.backends.cudnn.benchmark
-    if cuda and recipe.cudnn_benchmark:
+    if acc.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
     bar = None
     if progress is True:

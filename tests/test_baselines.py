@@ -31,6 +31,26 @@ TINY = {
 }
 
 
+# What each method says it pruned (the rest prune nothing): compared with neurons_pruned,
+# which run_defense measures on the weights.
+OWN_COUNT = {"clp": lambda d: d["n_pruned"], "anp": lambda d: d["n_pruned"], "rnp": lambda d: d["n_pruned"],
+             "fp": lambda d: d["pruned"], "nwc_fp": lambda d: d["pruned"]}
+
+# Clean-ACC drop allowed per method in the contract test: the largest drop measured on the
+# contract fixture's setting (badnets tiny_cnn, 4,000 synthetic images, 12 fast epochs, TINY
+# params, defender 5%) over the backdoored models of seeds 0-3 trained with 1 torch thread and
+# seeds 0-1 with 2 threads (other models: seed 0 gives ACC 0.905 at 2 threads, 0.912 at 1),
+# rounded up, plus 5 points of margin. Measured drops (points), 1 thread seeds 0-3 / 2 threads 0-1:
+#   ft    -0.5 0.0 1.6 -1.6 / -2.1 -1.7    fp     1.5 2.7 3.6 2.4 / 0.2 1.3
+#   nad    7.0 3.7 7.0 7.0 / 6.3 4.9       anp    5.3 6.4 7.5 12.0 / 7.9 9.5
+#   ibau  -0.5 -1.7 0.4 -1.6 / -2.0 -2.1   rnp    0 0 0 0 / 0 0
+#   ftsam  9.2 8.8 5.8 6.0 / 8.4 8.5       nwc_fp 0.1 -0.4 3.0 2.8 / -0.6 -1.0
+#   clp   17.7 20.7 2.5 -0.7 / 14.7 -0.5 (the old common bound of 15 points sat on this edge;
+#   CLP has its own check in the test)
+ACC_DROP = {"ft": 0.07, "fp": 0.09, "nad": 0.12, "anp": 0.17, "ibau": 0.06, "rnp": 0.05, "ftsam": 0.15,
+            "nwc_fp": 0.08}
+
+
 def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -85,12 +105,32 @@ def test_contract_same_arch_input_untouched_deterministic_sane_accuracy(defended
     fresh.load_state_dict(s1)
     # deterministic per seed
     assert _same(s1, s2)
-    # the defense changed something (pruning methods may legitimately prune nothing at tiny sizes)
-    if name not in ("clp", "anp", "rnp"):
-        assert not _same(s1, before)
-    # clean accuracy stays sane (tiny settings: within 15 points of the backdoored model)
+    # the change is recorded, measured on the weights: weights_changed counts the parameter
+    # elements that differ, neurons_pruned matches the method's own count of what it pruned
+    d = out1.diagnostics
+    params = dict(model.named_parameters())
+    assert d["weights_changed"] == sum(int((s1[k] != before[k]).sum()) for k in params)
+    assert d["neurons_pruned"] == OWN_COUNT.get(name, lambda d: 0)(d), d
+    # the defense changed something: every method but RNP, which prunes nothing on tiny_cnn at
+    # these settings (measured: 0 neurons on seeds 0-3, 1 and 2 threads; it warns, see
+    # test_pruning_that_no_threshold_allows...); CLP pruned 2-4 channels, ANP 13-25
+    if name != "rnp":
+        assert d["weights_changed"] > 0 and not _same(s1, before)
+    # clean accuracy stays sane. Bounds from the spread measured on this fixture's setting
+    # (badnets tiny_cnn, seeds 0-3 x torch threads 1 and 2, after the defender-subset change of
+    # 00364cd): the largest drop seen per method plus a margin of 5 points (ACC_DROP)
     acc_b, acc_a = accuracy(model, bd["test"]), accuracy(out1.model, bd["test"])
-    assert acc_a >= acc_b - 0.15, (name, acc_b, acc_a)
+    if name == "clp":
+        # CLP is data-free with no clean-accuracy guard. On tiny_cnn (16-128 channels a layer) the
+        # channel with the largest Lipschitz bound is often one the clean task needs: pruning 2-4
+        # of them cost -0.7 to 20.7 points here and 32.7 on another machine (0.901 -> 0.574).
+        # What must hold: exactly the channels above mean + u*std are zeroed (recomputed here
+        # independently), and the model is far above chance (10%): the lowest seen, 0.574, less
+        # a margin of 0.27.
+        _check_clp_pruned_exactly(model, out1.model, 3.0)
+        assert acc_a >= 0.30, (name, acc_b, acc_a)
+    else:
+        assert acc_a >= acc_b - ACC_DROP[name], (name, acc_b, acc_a)
     # diagnostics are JSON-able
     import json
 
@@ -179,6 +219,16 @@ def _clp_model() -> nn.Module:
         m[4].bias.uniform_(-0.5, 0.5)
     m.eval()
     return m
+
+
+def _check_clp_pruned_exactly(model, pruned_model, u):
+    """The BN channels zeroed in ``pruned_model`` are exactly those the independent formula picks."""
+    from defense.methods.clp import conv_bn_pairs
+
+    mods, pm = dict(model.named_modules()), dict(pruned_model.named_modules())
+    for conv, bn in conv_bn_pairs(model, 3, 32):
+        zero = set(torch.nonzero((pm[bn].weight == 0) & (pm[bn].bias == 0)).flatten().tolist())
+        assert zero == _expected_clp(mods[conv], mods[bn], u), bn
 
 
 def _expected_clp(conv: nn.Conv2d, bn: nn.BatchNorm2d, u: float) -> set[int]:

@@ -36,7 +36,8 @@ class DefenseContext:
 @dataclass
 class DefenseOutput:
     model: torch.nn.Module  # the purified model
-    diagnostics: dict = field(default_factory=dict)  # JSON-able scalars/lists (rankings, counts)
+    diagnostics: dict = field(default_factory=dict)  # JSON-able scalars/lists (rankings, counts); run_defense
+    # adds weights_changed and neurons_pruned (defense.methods._common.model_change)
     curves: list[dict] = field(default_factory=list)  # per-epoch rows: {"phase", "epoch", ...}
 
 
@@ -52,7 +53,12 @@ def run_defense(name: str, model: torch.nn.Module, clean: Data, params: dict | N
     ctx = ctx or DefenseContext()
     if entry.meta.get("prepare") is not None and ctx.prepared is None:
         ctx.prepared = entry.meta["prepare"](model, clean, p, ctx)
-    return entry.fn(model, clean, p, ctx)
+    out = entry.fn(model, clean, p, ctx)
+    # every defense, plug-ins included, records whether it changed the model (flat result columns)
+    from defense.methods._common import model_change
+
+    out.diagnostics = {**out.diagnostics, **model_change(model, out.model)}
+    return out
 
 
 @register_defense("none")

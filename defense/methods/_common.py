@@ -171,3 +171,38 @@ def bake_masks(model: nn.Module, names: Iterable[str]) -> None:
 def seeded(seed: int, device) -> torch.Generator:
     """Seed torch globally (initial noise, dropout) and return the batch generator (CPU, as ``train``)."""
     return seed_everything(seed)
+
+
+# ----------------------------------------------------------------------------- evidence of change
+
+@torch.no_grad()
+def model_change(before: nn.Module, after: nn.Module) -> dict:
+    """What a defense did to the weights, measured on them (not taken from the method's word), as
+    flat result columns: ``weights_changed``, how many parameter elements differ; and
+    ``neurons_pruned``, how many units are newly zero: a BatchNorm channel whose weight became
+    0 (CLP, ANP, RNP), a Conv2d / Linear output row that became all zero (NWC-FP), a Linear
+    input column that became all zero (FP's classifier masks). A row with both at 0 is a model
+    the defense returned unchanged."""
+    a = dict(before.named_parameters())
+    changed = 0
+    for name, q in after.named_parameters():
+        p = a.get(name)
+        if p is None or p.shape != q.shape:
+            changed += q.numel()
+        else:
+            changed += int((p.to(q.device) != q).sum())
+    mods = dict(before.named_modules())
+    pruned = 0
+    for name, m in after.named_modules():
+        old = mods.get(name)
+        if type(old) is not type(m) or not hasattr(m, "weight") or m.weight is None or old.weight.shape != m.weight.shape:
+            continue
+        w_new, w_old = m.weight.detach(), old.weight.detach().to(m.weight.device)
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+            pruned += int(((w_new == 0) & (w_old != 0)).sum())
+        elif isinstance(m, (nn.Conv2d, nn.Linear)):
+            rows_new, rows_old = w_new.flatten(1).eq(0).all(1), w_old.flatten(1).eq(0).all(1)
+            pruned += int((rows_new & ~rows_old).sum())
+            if isinstance(m, nn.Linear):
+                pruned += int((w_new.eq(0).all(0) & ~w_old.eq(0).all(0)).sum())
+    return {"weights_changed": changed, "neurons_pruned": pruned}
