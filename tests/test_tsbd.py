@@ -416,3 +416,14 @@ def test_prepare_round_trips_registry_and_sweep(tiny_setup):
     # the backdoored model itself is never modified
     for x, y in zip(model.state_dict().values(), before.values()):
         assert torch.equal(x, y)
+
+
+def test_fp32_by_default_bf16_only_when_asked():
+    """The reference trains in fp32; bf16 autocast is an opt-in deviation (issue 16)."""
+    from defense.methods.tsbd import _autocast
+
+    assert TSBDParams().bf16 is False
+    cuda = torch.device("cuda")
+    assert not isinstance(_autocast(cuda, TSBDParams()), torch.autocast)
+    assert isinstance(_autocast(cuda, TSBDParams(bf16=True)), torch.autocast)
+    assert not isinstance(_autocast(torch.device("cpu"), TSBDParams(bf16=True)), torch.autocast)
