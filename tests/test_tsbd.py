@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from defense.data import Data, DatasetInfo
 from defense.methods import DEFENSES, DefenseContext, run_defense
-from defense.methods.tsbd import (TSBDParams, activeness_finetune, activeness_step, clean_unlearn,
+from defense.methods.tsbd import (TSBDParams, activeness_finetune, activeness_step, clean_unlearn, defend,
                                   neuron_weight_change, rank_neurons, scored_layers, tsbd_prepare, tsbd_sweep,
                                   zero_reinit)
 from defense.models import create_model
@@ -416,3 +417,56 @@ def test_prepare_round_trips_registry_and_sweep(tiny_setup):
     # the backdoored model itself is never modified
     for x, y in zip(model.state_dict().values(), before.values()):
         assert torch.equal(x, y)
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # building a CUDA autocast on a CPU machine
+def test_fp32_by_default_bf16_only_when_asked():
+    """The reference trains in fp32; bf16 autocast is an opt-in deviation (issue 16)."""
+    from defense.methods.tsbd import _autocast
+
+    assert TSBDParams().bf16 is False
+    cuda = torch.device("cuda")
+    assert not isinstance(_autocast(cuda, TSBDParams()), torch.autocast)
+    assert isinstance(_autocast(cuda, TSBDParams(bf16=True)), torch.autocast)
+    assert not isinstance(_autocast(torch.device("cpu"), TSBDParams(bf16=True)), torch.autocast)
+
+
+def _collapsed(model, clean):
+    """``model`` made to predict one class (the most frequent of ``clean``) for every image: the
+    classifier's weights zero, its bias one-hot. A tiny lr_un keeps it there."""
+    m = copy.deepcopy(model)
+    fc = [mod for mod in m.modules() if isinstance(mod, nn.Linear)][-1]
+    c = int(torch.bincount(clean.y).argmax())
+    with torch.no_grad():
+        fc.weight.zero_()
+        fc.bias.zero_()
+        fc.bias[c] = 10.0
+    return m, float((clean.y == c).float().mean())
+
+
+def test_collapse_stop_ends_a_run_that_cannot_reach_the_threshold(tiny_setup):
+    """Issue 15: a model whose stop check predicts one class for all of Dc stops after
+    collapse_epochs epochs (not max_un_epochs), warns as before, and says so in the diagnostics."""
+    model, clean = tiny_setup
+    m, share = _collapsed(model, clean)
+    assert share > 0.1  # above the threshold: the reference would run all max_un_epochs
+    logged = []
+    p = TSBDParams(lr_un=1e-6, max_un_epochs=50, collapse_epochs=4, batch_size=64)
+    with pytest.warns(UserWarning, match=r"stopped after 4 epochs: the stop check predicted one class.*largest class"):
+        prep = tsbd_prepare(m, clean, p, DefenseContext(seed=0, log=logged.append))
+    assert prep["unlearn_epochs"] == 4 and prep["unlearn_collapsed"] is True and prep["unlearn_reached"] is False
+    assert [r["collapsed"] for r in prep["curve"]] == [True] * 4
+    assert all(r["dc_acc"] == pytest.approx(share) for r in prep["curve"])
+    assert prep["dc_class_share"] == pytest.approx(share)
+    # progress: every epoch says k of max and the stop-check accuracy
+    assert sum("tsbd unlearn epoch" in s and "/50" in s and "dc_acc" in s for s in logged) == 4
+    # collapse_epochs=0 is the reference: it runs on to max_un_epochs
+    with pytest.warns(UserWarning, match="ran all 6 epochs"):
+        ref = tsbd_prepare(m, clean, replace(p, max_un_epochs=6, collapse_epochs=0), DefenseContext(seed=0))
+    assert ref["unlearn_epochs"] == 6 and ref["unlearn_collapsed"] is False
+    # the diagnostics carry it
+    out = defend(m, clean, replace(p, ft_epochs=-1), DefenseContext(seed=0, prepared=prep))
+    d = out.diagnostics
+    assert d["unlearn_collapsed"] is True and d["unlearn_reached_threshold"] is False and d["unlearn_epochs"] == 4
+    with pytest.raises(BadParams, match="collapse_epochs"):
+        DEFENSES.get("tsbd").make_params({"collapse_epochs": -1})

@@ -45,7 +45,9 @@ class TSBDParams:
     # sweep so that ACC survives (zeroing 10% of the neurons costs <= 5 ACC points after Stage 2
     # in our synthetic checks, README section tsbd); it is not always enough (BadNets there kept
     # ASR 0.29): pick n per setting on the validation split (sweep or bdgrid tune).
-    n: float = 0.1
+    # "auto" (ours, issue 20): Stage 2 for the reference's sweep values, n chosen from held-out
+    # clean data only (defense/methods/tsbd_auto.py; README, TSBD, "n: auto").
+    n: float | str = 0.1
     # Weight ratio m: share of the pooled weights of the selected neurons that is zeroed
     # (config.yaml: m 0.7).
     m: float = 0.7
@@ -61,6 +63,13 @@ class TSBDParams:
     un_threshold: float | str = 0.10
     un_margin: float = 0.0
     max_un_epochs: int = 1000  # config.yaml: epochs 1000
+    # Ours (issue 15): stop Stage 1a once the stop check has predicted ONE class for every image
+    # of Dc (so its accuracy is that class's share of Dc) for this many consecutive epochs, when
+    # that share is above the threshold: a collapsed model whose accuracy can never fall further.
+    # The reference runs on to max_un_epochs there (gradient ascent only grows the loss). 20:
+    # on the README's models no run that collapsed ever left the collapse in 200 epochs (README,
+    # TSBD, "collapse stop"), and 20 epochs are ~2% of max_un_epochs. 0 = never (the reference).
+    collapse_epochs: int = 20
     batch_size: int = 256  # config.yaml: batch_size 256, shuffle=False in both stages
     # The reference ranks neurons by the score as written to nwc.txt with '{:.4f}' (ties keep
     # layer order: Python's sort is stable). -1 ranks by the exact value (ours).
@@ -72,13 +81,44 @@ class TSBDParams:
     r: float = 0.05  # perturbation radius per tensor (config.yaml: r 0.05)
     alpha: float = 0.7  # weight of the perturbed gradient (config.yaml: alpha 0.7); 1 = SAM
     augment: bool = True  # training augmentation in both stages (BackdoorBench train transform)
-    bf16: bool = True  # ours: bf16 autocast for forward passes on CUDA (weights stay fp32)
+    # Ours, opt-in: bf16 autocast of the forward passes on CUDA (weights and gradients stay fp32).
+    # Off by default because the reference trains in fp32, and Stage 1a's stop check and the NWC
+    # ranking (scores ~1e-3 on small models, compared at 4 decimals) can move under bf16 rounding.
+    bf16: bool = False
+    # Ours (n: auto): the share of Dc held out, seeded, from Stages 1a, 1b and 2 to choose n on.
+    # None means 0.2 when n is "auto" and 0 otherwise (the reference: all of Dc is used). It is a
+    # shared parameter, so an auto run never reuses a fixed-n run's unlearning on the whole Dc.
+    holdout: float | None = None
+    # n: auto: keep the largest ladder n whose held-out clean accuracy is within auto_budget of
+    # the original model's, allowing auto_z paired standard errors of the held-out estimate
+    # (tsbd_auto.within_budget says how; README, TSBD, "n: auto", for the measurements).
+    auto_budget: float = 0.02
+    auto_z: float = 1.0
+    auto_ladder: tuple[float, ...] = (0.01, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 0.9)  # tsbd.py's sweep
+    auto_search: Literal["bisect", "ascend"] = "bisect"
+
+    def __post_init__(self):
+        if self.holdout is None:
+            self.holdout = 0.2 if self.n == "auto" else 0.0
 
     def check(self):
-        for name in ("n", "m", "alpha"):
+        if isinstance(self.n, str):
+            if self.n != "auto":
+                yield f"n must be a number in [0, 1] or 'auto', got {self.n!r}"
+        elif not 0.0 <= self.n <= 1.0:
+            yield f"n must be in [0, 1], got {self.n} (or 'auto': chosen on held-out clean data)"
+        for name in ("m", "alpha"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 yield f"{name} must be in [0, 1], got {v}"
+        if not 0.0 <= self.holdout < 1.0:
+            yield f"holdout must be in [0, 1), got {self.holdout}"
+        elif self.n == "auto" and self.holdout == 0:
+            yield "n: auto needs held-out clean data to choose n on: holdout must be > 0 (default 0.2)"
+        if self.auto_budget < 0 or self.auto_z < 0:
+            yield f"auto_budget and auto_z must be >= 0, got {self.auto_budget}, {self.auto_z}"
+        if not self.auto_ladder or any(not 0.0 <= v <= 1.0 for v in self.auto_ladder):
+            yield f"auto_ladder must be values in [0, 1], got {list(self.auto_ladder)}"
         for name in ("lr_un", "ft_lr"):
             if getattr(self, name) <= 0:
                 yield f"{name} must be > 0, got {getattr(self, name)}"
@@ -88,6 +128,8 @@ class TSBDParams:
             yield f"momentum must be in [0, 1), got {self.momentum}"
         if self.batch_size < 1:
             yield f"batch_size must be >= 1, got {self.batch_size}"
+        if self.collapse_epochs < 0:
+            yield f"collapse_epochs must be >= 0 (0 never stops on a collapse), got {self.collapse_epochs}"
         if self.max_un_epochs < 1:
             yield f"max_un_epochs must be >= 1, got {self.max_un_epochs}"
         if self.ft_epochs < -1:
@@ -106,7 +148,7 @@ class TSBDParams:
 
 # Parameters that Stages 1a/1b depend on: a sweep or a study computes them once per value.
 SHARED = ("layer_type", "lr_un", "momentum", "un_threshold", "un_margin", "max_un_epochs",
-          "batch_size", "augment", "bf16")
+          "collapse_epochs", "batch_size", "augment", "bf16", "holdout")
 
 
 # ---------------------------------------------------------------------------------------
@@ -140,16 +182,60 @@ def _batches(data: Data, p: TSBDParams, gen: torch.Generator):
 
 @torch.no_grad()
 def _augmented_accuracy(model: nn.Module, data: Data, p: TSBDParams, gen: torch.Generator,
-                        device: torch.device) -> float:
-    """The reference's stop check: eval mode, Dc through the *training* transform, / |Dc|."""
+                        device: torch.device) -> tuple[float, bool]:
+    """The reference's stop check: eval mode, Dc through the *training* transform, / |Dc|.
+
+    Also returns whether every prediction was the same class (a collapsed model: ours)."""
     was = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = torch.zeros(data.info.num_classes, dtype=torch.bool, device=device)
     with _autocast(device, p):
         for x, y in _batches(data, p, gen):
-            correct += (model(x).argmax(1) == y).sum()
+            pred = model(x).argmax(1)
+            correct += (pred == y).sum()
+            seen[pred] = True
     model.train(was)
-    return int(correct) / max(1, len(data))  # one host sync per check
+    return int(correct) / max(1, len(data)), int(seen.sum()) == 1  # one host sync per check
+
+
+class _Progress:
+    """A stage's progress: every line to ``ctx.log`` (the grid keeps them in <out>/logs/), and a
+    tqdm bar on stderr when ``ctx.progress`` (``bdgrid trial``), so a long stage is never silent."""
+
+    def __init__(self, ctx: DefenseContext, total: int, desc: str):
+        self.ctx, self.bar = ctx, None
+        if ctx.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="ep", leave=False)
+
+    def step(self, msg: str, **postfix) -> None:
+        self.ctx.log(msg)
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def split_holdout(clean: Data, share: float, seed: int) -> tuple[Data, Data | None]:
+    """(the part of Dc the stages use, the held-out part or None). Seeded from ``seed`` and the
+    size of Dc alone: the held-out images are ``int(len * share)`` of a random permutation."""
+    k = int(len(clean) * share)
+    if k <= 0:
+        return clean, None
+    perm = torch.randperm(len(clean), generator=torch.Generator().manual_seed(30_011 * seed + 3))
+    perm = perm.to(clean.y.device)
+    return clean.subset(perm[k:].sort().values), clean.subset(perm[:k].sort().values)
+
+
+def class_share(data: Data) -> float:
+    """The largest class's share of ``data``: where a collapsed model's accuracy settles."""
+    counts = torch.bincount(data.y.cpu(), minlength=data.info.num_classes)
+    return float(counts.max()) / max(1, len(data))
 
 
 # ---------------------------------------------------------------------------------------
@@ -158,9 +244,11 @@ def _augmented_accuracy(model: nn.Module, data: Data, p: TSBDParams, gen: torch.
 
 def clean_unlearn(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseContext) -> tuple[nn.Module, list[dict]]:
     """Gradient ascent on CE over Dc (SGD lr_un, momentum, no weight decay, train mode) until
-    the augmented eval-mode accuracy on Dc is <= the threshold, or ``max_un_epochs``.
+    the augmented eval-mode accuracy on Dc is <= the threshold, or ``max_un_epochs``, or (ours)
+    the stop check has predicted one class for all of Dc for ``collapse_epochs`` epochs in a row.
 
-    Returns a new model (``model`` is not touched) and one row per epoch.
+    Returns a new model (``model`` is not touched) and one row per epoch (``collapsed``: the
+    stop check predicted a single class that epoch).
     """
     device = pick_device(ctx.device)
     gen = _generator(ctx.seed, device)
@@ -169,7 +257,8 @@ def clean_unlearn(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseCont
     net.train()
     opt = torch.optim.SGD(net.parameters(), lr=p.lr_un, momentum=p.momentum)
     thr = p.threshold(clean.info.num_classes)
-    curve = []
+    curve, streak = [], 0
+    bar = _Progress(ctx, p.max_un_epochs, "tsbd unlearn")
     for epoch in range(1, p.max_un_epochs + 1):
         net.train()
         # running sums stay on the device: no host sync per batch, one per epoch (the stop check)
@@ -186,13 +275,18 @@ def clean_unlearn(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseCont
             tot += loss.detach()
             correct += (out.argmax(1) == y).sum()
             nb += 1
-        dc_acc = _augmented_accuracy(net, clean, p, gen, device)
+        dc_acc, one_class = _augmented_accuracy(net, clean, p, gen, device)
         loss_v = float(tot) / max(1, nb)
         curve.append({"phase": "unlearn", "epoch": epoch, "loss": loss_v,
-                      "train_acc": int(correct) / max(1, len(clean)), "dc_acc": dc_acc})
-        ctx.log(f"tsbd unlearn epoch {epoch}: loss {loss_v:.4f} dc_acc {dc_acc:.4f}")
+                      "train_acc": int(correct) / max(1, len(clean)), "dc_acc": dc_acc, "collapsed": one_class})
+        bar.step(f"tsbd unlearn epoch {epoch}/{p.max_un_epochs}: loss {loss_v:.4f} dc_acc {dc_acc:.4f} "
+                 f"(stop at <= {thr:.3f}){' one class' if one_class else ''}", dc_acc=f"{dc_acc:.3f}")
         if dc_acc <= thr:
             break
+        streak = streak + 1 if one_class else 0
+        if p.collapse_epochs and streak >= p.collapse_epochs:
+            break
+    bar.close()
     net.eval()
     return net, curve
 
@@ -366,6 +460,7 @@ def activeness_finetune(model: nn.Module, clean: Data, p: TSBDParams, ctx: Defen
     opt = torch.optim.SGD(model.parameters(), lr=p.ft_lr, momentum=p.momentum)
     amp = _autocast(device, p)
     curve = []
+    bar = _Progress(ctx, p.ft_epochs + 1, f"tsbd finetune n={p.n}")
     for epoch in range(p.ft_epochs + 1):
         tot = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
@@ -378,7 +473,9 @@ def activeness_finetune(model: nn.Module, clean: Data, p: TSBDParams, ctx: Defen
         row = {"phase": "finetune", "epoch": epoch + 1, "loss": float(tot) / max(1, nb),  # one sync per pass
                "train_acc": int(correct) / max(1, len(clean))}
         curve.append(row)
-        ctx.log(f"tsbd finetune pass {epoch + 1}: loss {row['loss']:.4f} acc {row['train_acc']:.4f}")
+        bar.step(f"tsbd finetune (n={p.n}) pass {epoch + 1}/{p.ft_epochs + 1}: loss {row['loss']:.4f} "
+                 f"acc {row['train_acc']:.4f}", acc=f"{row['train_acc']:.3f}")
+    bar.close()
     model.eval()
     return curve
 
@@ -389,23 +486,34 @@ def activeness_finetune(model: nn.Module, clean: Data, p: TSBDParams, ctx: Defen
 
 def tsbd_prepare(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseContext) -> dict:
     """Stages 1a/1b. The result holds only tensors, numbers, strings, lists and dicts, so it
-    round-trips through ``torch.save`` / ``torch.load(weights_only=True)``."""
+    round-trips through ``torch.save`` / ``torch.load(weights_only=True)``. With ``holdout``
+    > 0 only the part of Dc that is not held out is used."""
+    clean, _ = split_holdout(clean, p.holdout, ctx.seed)
     unlearned, curve = clean_unlearn(model, clean, p, ctx)
     thr = p.threshold(clean.info.num_classes)
     reached = bool(curve) and curve[-1]["dc_acc"] <= thr
+    share = class_share(clean)
+    # collapsed: the run ended on the collapse stop (a streak of one-class stop checks)
+    collapsed = (not reached and p.collapse_epochs > 0 and len(curve) >= p.collapse_epochs
+                 and all(r["collapsed"] for r in curve[-p.collapse_epochs:]))
     if not reached:
-        # the reference runs on as well; say so, since the usual cause has a one-line fix
+        # the reference runs on to max_un_epochs; say why it did not stop, since the usual
+        # cause has a one-line fix
         last = curve[-1]["dc_acc"] if curve else float("nan")
-        share = float(torch.bincount(clean.y.cpu(), minlength=clean.info.num_classes).max()) / max(1, len(clean))
-        msg = (f"tsbd: clean unlearning ran all {len(curve)} epochs without reaching un_threshold {thr:.3f} "
+        how = (f"stopped after {len(curve)} epochs: the stop check predicted one class for all of Dc "
+               f"for {p.collapse_epochs} epochs in a row (a collapsed model; collapse_epochs=0 runs on "
+               f"to max_un_epochs as the reference)" if collapsed else f"ran all {len(curve)} epochs")
+        msg = (f"tsbd: clean unlearning {how} without reaching un_threshold {thr:.3f} "
                f"(last Dc accuracy {last:.3f}; the largest class holds {share:.3f} of Dc, and a collapsed model "
                f"settles there). Set un_threshold above it (e.g. {min(1.0, share + 0.02):.2f}) or "
                f"'chance+margin' with a margin; see README, TSBD.")
         ctx.log(msg)
         warnings.warn(msg, stacklevel=2)
     nwc = neuron_weight_change(model, unlearned, p.layer_type)
+    ctx.log(f"tsbd NWC: {nwc.total} neurons in {len(nwc.neuron)} {p.layer_type} layers ranked")
     return {"unlearned": {k: v.detach().cpu() for k, v in unlearned.state_dict().items()},
-            "nwc": nwc.to_dict(), "curve": curve, "unlearn_epochs": len(curve), "unlearn_reached": reached}
+            "nwc": nwc.to_dict(), "curve": curve, "unlearn_epochs": len(curve), "unlearn_reached": reached,
+            "unlearn_collapsed": collapsed, "dc_class_share": share}
 
 
 def _diagnostics(prep: dict, nwc: NWC, counts: dict, ft_curve: list[dict], p: TSBDParams, top_k: int = 20) -> dict:
@@ -415,9 +523,11 @@ def _diagnostics(prep: dict, nwc: NWC, counts: dict, ft_curve: list[dict], p: TS
     return {
         "unlearn_epochs": int(prep["unlearn_epochs"]),
         "unlearn_reached_threshold": bool(prep.get("unlearn_reached", True)),
+        "unlearn_collapsed": bool(prep.get("unlearn_collapsed", False)),
+        "dc_class_share": float(prep.get("dc_class_share", float("nan"))),
         "unlearn_curve": prep["curve"],
         "n_neurons": nwc.total,
-        "n_selected": int(nwc.total * p.n),
+        "n_selected": int(nwc.total * float(p.n)),
         "nwc_top": top,
         "zeroed": counts,
         "weights_zeroed": sum(c["weights"] for c in counts.values()),
@@ -433,9 +543,20 @@ def defend(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseContext) ->
     if prep["nwc"]["layer_type"] != p.layer_type:
         raise ValueError(f"prepared NWC is for layer_type {prep['nwc']['layer_type']!r}, params ask {p.layer_type!r}")
     nwc = NWC.from_dict(prep["nwc"], p.nwc_decimals)
-    purified, counts = zero_reinit(model, nwc, p.n, p.m)
-    ft_curve = activeness_finetune(purified, clean, p, ctx)
-    return DefenseOutput(purified, _diagnostics(prep, nwc, counts, ft_curve, p), prep["curve"] + ft_curve)
+    if p.n == "auto":
+        from defense.methods.tsbd_auto import defend_auto  # late: tsbd_auto builds on this module
+
+        return defend_auto(model, clean, p, ctx, prep, nwc)
+    purified, counts, ft_curve = purify_with(model, split_holdout(clean, p.holdout, ctx.seed)[0], nwc, p, ctx)
+    diag = _diagnostics(prep, nwc, counts, ft_curve, p)
+    diag["chosen_n"] = float(p.n)
+    return DefenseOutput(purified, diag, prep["curve"] + ft_curve)
+
+
+def purify_with(model: nn.Module, clean: Data, nwc: NWC, p: TSBDParams, ctx: DefenseContext):
+    """Stages 1c and 2 for ``p.n`` on ``clean`` (the stages' part of Dc): (model, counts, curve)."""
+    purified, counts = zero_reinit(model, nwc, float(p.n), p.m)
+    return purified, counts, activeness_finetune(purified, clean, p, ctx)
 
 
 def tsbd_sweep(model: nn.Module, clean: Data, p: TSBDParams, ns, ctx: DefenseContext) -> dict[float, DefenseOutput]:

@@ -1,0 +1,152 @@
+"""TSBD ``n: auto`` (issue 20): the neuron ratio chosen on held-out clean data only.
+
+Fast tests: parameter parsing and validation, the paired-drop statistics, the search order.
+Slow tests (the session's backdoored tiny_cnn fixtures of conftest.py): the choice is blind to
+the trigger (garbled backdoor data give a bit-identical choice), and ``auto`` removes the
+BadNets and Blended backdoors within the issue's bound.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from defense.data.splits import defender_subset, val_test_indices
+from defense.methods import DEFENSES, DefenseContext, run_defense
+from defense.methods.tsbd import TSBDParams, split_holdout
+from defense.methods.tsbd_auto import _order, paired_drop, within_budget
+from defense.registry import BadParams
+from defense.trial import evaluate
+
+
+# ---------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------
+
+def test_n_takes_a_number_or_auto_with_clear_messages():
+    entry = DEFENSES.get("tsbd")
+    assert entry.make_params({"n": "0.3"}).n == 0.3
+    assert entry.make_params({"n": 1}).n == 1.0
+    auto = entry.make_params({"n": "auto"})
+    assert auto.n == "auto" and auto.holdout == 0.2
+    # the held-out share is a shared (prepare) parameter, resolved: an auto run never reuses the
+    # unlearning of a fixed-n run on all of Dc, and a fixed-n run keeps all of Dc (the reference)
+    assert "holdout" in entry.meta["shared"]
+    assert dataclasses.asdict(auto)["holdout"] == 0.2
+    assert dataclasses.asdict(entry.make_params({"n": 0.1}))["holdout"] == 0.0
+    for bad, msg in [("aut", r"n must be a number in \[0, 1\] or 'auto', got 'aut'"),
+                     (1.5, r"n must be in \[0, 1\], got 1.5 \(or 'auto'")]:
+        with pytest.raises(BadParams, match=msg):
+            entry.make_params({"n": bad})
+    with pytest.raises(BadParams, match="holdout must be > 0"):
+        entry.make_params({"n": "auto", "holdout": 0})
+    with pytest.raises(BadParams, match="auto_ladder"):
+        entry.make_params({"n": "auto", "auto_ladder": "0.1,2"})
+    assert entry.make_params({"n": "auto", "auto_ladder": "0.1,0.3"}).auto_ladder == (0.1, 0.3)
+
+
+def test_holdout_split_is_seeded_disjoint_and_sized(small_data):
+    train, _ = small_data
+    clean = train.subset(torch.arange(500))
+    a, h = split_holdout(clean, 0.2, seed=3)
+    a2, h2 = split_holdout(clean, 0.2, seed=3)
+    assert len(h) == 100 and len(a) == 400
+    assert torch.equal(h.x, h2.x) and torch.equal(a.y, a2.y)
+    rows = lambda d: {bytes(x.numpy()) for x in d.x}
+    assert not rows(a) & rows(h)
+    assert not torch.equal(split_holdout(clean, 0.2, seed=4)[1].x, h.x)
+    same, none = split_holdout(clean, 0.0, seed=3)
+    assert same is clean and none is None
+
+
+# ---------------------------------------------------------------------------------------
+# The rule's statistics and search
+# ---------------------------------------------------------------------------------------
+
+def test_paired_drop_and_budget():
+    y = torch.zeros(100, dtype=torch.long)
+    pred0 = y.clone()
+    pred0[:10] = 1  # original: 90% right
+    pred = pred0.clone()
+    pred[10:16] = 1  # 6 more wrong
+    pred[:2] = 0  # 2 fixed
+    m = paired_drop(pred0, pred, y)
+    assert m["acc0"] == pytest.approx(0.90) and m["acc"] == pytest.approx(0.86)
+    assert m["drop"] == pytest.approx(0.04)
+    # b = 6, c = 2, h = 100: sqrt(8 - 16/100) / 100
+    assert m["se"] == pytest.approx((8 - 0.16) ** 0.5 / 100)
+    assert m["agree"] == pytest.approx(0.92)
+    assert within_budget(m, 0.02, 1.0)  # 0.04 - 0.028 <= 0.02
+    assert not within_budget(m, 0.02, 0.0)
+    assert paired_drop(pred0, pred0, y)["se"] == 0.0
+
+
+@pytest.mark.parametrize("keep_up_to", [-1, 0, 3, 7, 10])
+def test_bisect_finds_the_last_kept_rung_and_ascend_stops_at_the_first_break(keep_up_to):
+    ladder = tuple(range(11))
+
+    def walk(search):
+        seen, g = [], _order(ladder, search)
+        i = next(g, None)
+        while i is not None:
+            seen.append(i)
+            try:
+                i = g.send(i <= keep_up_to)
+            except StopIteration:
+                i = None
+        return seen
+
+    b = walk("bisect")
+    assert len(b) <= 4 and (keep_up_to < 0 or keep_up_to in b)
+    assert all(i <= keep_up_to for i in b if i <= keep_up_to)
+    assert min((i for i in b if i > keep_up_to), default=None) in (keep_up_to + 1, None)
+    a = walk("ascend")
+    assert a == list(range(min(keep_up_to + 2, 11)))
+
+
+# ---------------------------------------------------------------------------------------
+# On backdoored models
+# ---------------------------------------------------------------------------------------
+
+# Small settings for the blindness test: it asserts identity, not quality.
+FAST = {"n": "auto", "un_threshold": 0.2, "ft_epochs": 1, "auto_ladder": "0.1,0.3,0.5", "batch_size": 128}
+
+
+def _garbled(d: dict) -> dict:
+    """The same clean data and model; every backdoor image, index and the target replaced."""
+    g = dict(d)
+    pz = copy.copy(d["poisoned"])
+    gen = torch.Generator().manual_seed(123)
+    for f in dataclasses.fields(pz):
+        v = getattr(pz, f.name)
+        if isinstance(v, torch.Tensor):  # poison_idx, bd_idx, bd_true: other indices / labels
+            v = torch.randint(0, int(v.max()) + 1, v.shape, generator=gen, dtype=v.dtype)
+        elif hasattr(v, "x") and hasattr(v, "y"):  # a Data: images garbled, labels shuffled
+            v = dataclasses.replace(v, x=torch.randint(0, 255, v.x.shape, generator=gen, dtype=torch.uint8),
+                                    y=v.y[torch.randperm(len(v.y), generator=gen)])
+        setattr(pz, f.name, v)
+    g["poisoned"] = pz
+    return g
+
+
+def _choose(d: dict, target: int) -> tuple[float, list, dict]:
+    """What a trial does after training: the defender's clean subset of the CLEAN training set,
+    and the defense, with the poisoned data in scope and ``ctx.target`` set."""
+    assert not torch.equal(d["poisoned"].train.x, d["train"].x)  # the poisoned set is not Dc's source
+    clean, _ = defender_subset(d["train"], 0.05, d["cfg"].seed)
+    ctx = DefenseContext(device="cpu", seed=d["cfg"].seed, target=target)
+    out = run_defense("tsbd", d["model"], clean, FAST, ctx)
+    state = {k: v.clone() for k, v in out.model.state_dict().items()}
+    return out.diagnostics["chosen_n"], out.diagnostics["auto_ladder"], state
+
+
+@pytest.mark.slow  # one backdoored model (session fixture) and two auto runs with 2-pass Stage 2
+def test_auto_choice_is_blind_to_the_trigger(badnets_model):
+    n1, ladder1, s1 = _choose(badnets_model, badnets_model["cfg"].target)
+    n2, ladder2, s2 = _choose(_garbled(badnets_model), badnets_model["cfg"].target + 1)
+    assert json.dumps(ladder1) == json.dumps(ladder2) and n1 == n2  # bit-identical
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert n1 in (0.1, 0.3, 0.5) and sum(r["chosen"] for r in ladder1) == 1
