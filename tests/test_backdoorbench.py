@@ -1,0 +1,156 @@
+"""BackdoorBench records in and out: import (records written as BackdoorBench writes them, by
+tests/backdoorbench_record.py), safety, export round trip, plain checkpoints."""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import backdoorbench_record as bbr  # noqa: E402
+
+from defense.external.backdoorbench import (  # noqa: E402
+    evaluate_record, export_defense_result, export_record, load_defense_result, load_record, record_key)
+from defense.external.checkpoints import load_checkpoint  # noqa: E402
+from defense.external.safe_load import RecordProblem  # noqa: E402
+from defense.models import create_model  # noqa: E402
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)  # BackdoorBench's CIFAR-10 values
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    return bbr.build(tmp_path_factory.mktemp("bb"))
+
+
+def direct_predictions(record: Path, images: np.ndarray) -> np.ndarray:
+    """What BackdoorBench's evaluation does, written out: its PreActResNet18 weights (module.
+    stripped), ToTensor + Normalize with the CIFAR-10 mean/std, argmax."""
+    rec = torch.load(record / "attack_result.pt", weights_only=False)  # our own test file: trusted
+    sd = {k.removeprefix("module."): v for k, v in rec["model"].items()}
+    model = create_model("preact_resnet18")
+    model.load_state_dict(sd)
+    model.eval()
+    x = torch.from_numpy(images).float() / 255
+    x = (x - torch.tensor(CIFAR_MEAN)[:, None, None]) / torch.tensor(CIFAR_STD)[:, None, None]
+    with torch.no_grad():
+        return model(x).argmax(1).numpy()
+
+
+@pytest.mark.parametrize("attack", ["badnet", "wanet"])
+def test_import_matches_a_direct_computation(records, attack):
+    rec = records[attack]
+    imp = load_record(rec, records["data_root"], {"download": False})
+    assert (imp.arch, imp.dataset, imp.target) == ("preact_resnet18", "cifar10", 0)
+    prov = imp.provenance
+    assert prov["source"] == "backdoorbench" and prov["record"] == str(rec.resolve())
+    assert prov["attack_bb"] == attack and prov["pratio"] == 0.1
+    assert prov["attack"] == {"badnet": "badnets", "wanet": "wanet"}[attack]
+    assert imp.key == record_key(rec) and len(imp.key) == 64
+    # the backdoor test set: every non-target test image, read from the record's own PNGs
+    yte, xte = records["yte"], records["xte"]
+    nontarget = np.where(yte != 0)[0]
+    assert imp.poisoned.bd_idx.tolist() == nontarget.tolist()
+    assert imp.poisoned.bd_true.tolist() == yte[nontarget].tolist()
+    files = [rec / "bd_test_dataset" / str(yte[i]) / f"{i}.png" for i in nontarget]
+    png = np.stack([np.asarray(Image.open(f)).transpose(2, 0, 1) for f in files])
+    assert torch.equal(imp.poisoned.bd_test.x, torch.from_numpy(png))
+    m = evaluate_record(imp)
+    pred_clean, pred_bd = direct_predictions(rec, xte), direct_predictions(rec, png)
+    assert m["acc"] == pytest.approx(float((pred_clean == yte).mean()), abs=1e-6)
+    assert m["asr"] == pytest.approx(float((pred_bd == 0).mean()), abs=1e-6)
+    assert m["ra"] == pytest.approx(float((pred_bd == yte[nontarget]).mean()), abs=1e-6)
+
+
+def test_key_changes_with_any_record_file(records, tmp_path):
+    import shutil
+
+    copy_ = tmp_path / "r"
+    shutil.copytree(records["badnet"], copy_)
+    assert record_key(copy_) == record_key(records["badnet"])  # content, not location
+    f = next((copy_ / "bd_test_dataset").rglob("*.png"))
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(f)
+    assert record_key(copy_) != record_key(records["badnet"])
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_record_whose_pickle_would_run_code_is_refused(records, tmp_path):
+    rec_dir = tmp_path / "record" / "evil"
+    rec_dir.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    good = torch.load(records["badnet"] / "attack_result.pt", weights_only=False)
+    torch.save({**good, "bd_test": _RunsCode(marker)}, rec_dir / "attack_result.pt")
+    with pytest.raises(RecordProblem) as e:
+        load_record(rec_dir, records["data_root"], {"download": False})
+    assert not marker.exists()  # nothing ran
+    msg = str(e.value)
+    assert f"{os.system.__module__}.system" in msg and str(rec_dir) in msg and "\n" not in msg
+
+
+def test_unknown_model_name_is_a_clear_problem(records, tmp_path):
+    rec_dir = tmp_path / "record" / "resnext"
+    rec_dir.mkdir(parents=True)
+    good = torch.load(records["badnet"] / "attack_result.pt", weights_only=False)
+    torch.save({**good, "model_name": "resnext29"}, rec_dir / "attack_result.pt")
+    with pytest.raises(RecordProblem, match=r"model_name 'resnext29' has no bdgrid architecture") as e:
+        load_record(rec_dir, records["data_root"], {"download": False})
+    assert str(rec_dir) in str(e.value) and "preactresnet18" in str(e.value)
+    torch.save({k: v for k, v in good.items() if k != "bd_test"}, rec_dir / "attack_result.pt")
+    with pytest.raises(RecordProblem, match=r"missing keys \['bd_test'\]"):
+        load_record(rec_dir, records["data_root"])
+    with pytest.raises(RecordProblem, match="file not found"):
+        load_record(tmp_path / "nowhere", records["data_root"])
+
+
+def test_round_trip_keeps_acc_asr_ra(badnets_model, tmp_path):
+    """A bdgrid model exported as a BackdoorBench record and imported again measures the same."""
+    from defense.trial import evaluate
+
+    d = badnets_model
+    model, poisoned, test, cfg = d["model"], d["poisoned"], d["test"], d["cfg"]
+    bd, bd_idx, bd_true = poisoned.backdoor_test(model)
+    dest = export_record(model, cfg.arch, cfg.dataset, bd, bd_idx, bd_true, len(test), tmp_path / "record" / "rt",
+                         attack=cfg.attack, pratio=cfg.pratio, target=cfg.target, seed=cfg.seed,
+                         dataset_params=cfg.dataset_params)
+    imp = load_record(dest)
+    idx = torch.arange(len(test))
+    before = evaluate(model, test, poisoned, idx, cfg.target, "cpu")
+    after = evaluate_record(imp)
+    for m in ("acc", "asr", "ra"):
+        assert after[m] == pytest.approx(before[m], abs=1e-6)
+    assert before["asr"] > 0.5  # a real backdoor went through, not a trivially equal 0
+    assert imp.provenance["attack"] == "badnets" and imp.provenance["pratio"] == cfg.pratio
+    # the purified-model file: BackdoorBench's defense_result.pt, read back identically
+    purified = copy.deepcopy(model)
+    f = export_defense_result(purified, cfg.arch, cfg.dataset, tmp_path / "record" / "rt" / "defense" / "ft")
+    back = load_defense_result(f, cfg.dataset)
+    assert evaluate_record(imp, back) == after
+
+
+def test_plain_checkpoint(badnets_model, tmp_path):
+    model = badnets_model["model"]
+    f = tmp_path / "ckpt.pt"
+    torch.save({"epoch": 3, "state_dict": torch.nn.DataParallel(model).state_dict()}, f)
+    loaded, key = load_checkpoint(f, "tiny_cnn", "synthetic")
+    x = badnets_model["test"].x[:64].float() / 255
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert len(key) == 64
+    with pytest.raises(RecordProblem, match="do not fit this architecture"):
+        load_checkpoint(f, "preact_resnet18", "synthetic")
+    with pytest.raises(RecordProblem, match="unknown architecture 'tiny_cn'.*did you mean 'tiny_cnn'"):
+        load_checkpoint(f, "tiny_cn", "synthetic")
