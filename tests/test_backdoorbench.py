@@ -154,3 +154,58 @@ def test_plain_checkpoint(badnets_model, tmp_path):
         load_checkpoint(f, "preact_resnet18", "synthetic")
     with pytest.raises(RecordProblem, match="unknown architecture 'tiny_cn'.*did you mean 'tiny_cnn'"):
         load_checkpoint(f, "tiny_cn", "synthetic")
+
+
+# ------------------------------------------------------------------ the published leaderboard
+
+
+def _compare_rows(tmp_path, rows: list[dict]) -> tuple[dict, list[str]]:
+    import results
+    from results.tables import render
+
+    for i, r in enumerate(rows):
+        results.write_stage(tmp_path, "eval", f"k{i}", [dict(dict(target=0, split="test", seed=0), **r)])
+    md, notes = render(results.load(tmp_path), "md", metrics=("acc", "asr", "ra"), compare_with="backdoorbench")
+    cells = {}
+    for line in md.splitlines()[2:]:
+        if line.startswith("| "):
+            c = [v.strip() for v in line.split("|")[1:-1]]
+            cells[c[1]] = c[2:]
+    return cells, notes
+
+
+def test_compare_finds_every_published_defense_for_cifar10_preactresnet18_badnets(tmp_path):
+    from results.published import load_published
+    from results.tables import DISPLAY
+
+    pub = load_published("backdoorbench")
+    mine = pub[(pub.dataset == "cifar10") & (pub.arch == "preact_resnet18") & (pub.pratio == 0.1)
+               & (pub.attack == "badnets")]
+    # all 16 of the leaderboard's columns have numbers for this row: 10 from its CSV, CLP, i-BAU, D-BR,
+    # D-ST, DDE and MBNS only from its page (empty in the CSV); SS only in the CSV (N/A on the page)
+    assert set(mine.defense) == {"none", "ft", "fp", "nad", "nc", "anp", "ac", "spectral", "abl", "dbd", "clp",
+                                 "dbr", "dst", "dde", "ibau", "mbns"}
+    assert set(mine[mine.source == "bb-leaderboard-html"].defense) == {"clp", "ibau", "dbr", "dst", "dde", "mbns"}
+    rows = [dict(dataset="cifar10", arch="preact_resnet18", pratio=0.1, attack="badnets", defense=d,
+                 acc=0.5, asr=0.5, ra=0.5) for d in mine.defense]
+    cells, notes = _compare_rows(tmp_path, rows)
+    assert len(cells) == len(mine)
+    for r in mine.itertuples():
+        c = cells[DISPLAY.get(r.defense, r.defense)]
+        for j, m in enumerate(("acc", "asr", "ra")):
+            assert c[3 * j + 1] == f"{getattr(r, m):.2f}", (r.defense, m)  # theirs, as published
+            assert c[3 * j + 2] == f"{50 - getattr(r, m):+.1f}"  # ours - theirs
+    assert not any("across settings" in n for n in notes)
+    assert any("cifar10 / preact_resnet18 / pratio 0.1" in n for n in notes)
+
+
+def test_compare_matches_each_rows_own_setting(tmp_path):
+    """A GTSRB 5% row of an imported BackdoorBench VGG19-BN finds that setting, not CIFAR-10's."""
+    from results.published import index, load_published, lookup
+
+    pub = load_published("backdoorbench")
+    r = lookup(index(pub), ("gtsrb", "vgg19_bn", 0.05), "blended", "ft")
+    cells, notes = _compare_rows(tmp_path, [dict(dataset="gtsrb", arch="bb_vgg19_bn", pratio=0.05, attack="blended",
+                                                 defense="ft", acc=0.9, asr=0.1, ra=0.8)])
+    assert cells["FT"][1] == f"{r.acc:.2f}" and cells["FT"][4] == f"{r.asr:.2f}"
+    assert not any("across settings" in n for n in notes) and not any("head" in n for n in notes)
