@@ -209,3 +209,54 @@ def test_compare_matches_each_rows_own_setting(tmp_path):
                                                  defense="ft", acc=0.9, asr=0.1, ra=0.8)])
     assert cells["FT"][1] == f"{r.acc:.2f}" and cells["FT"][4] == f"{r.asr:.2f}"
     assert not any("across settings" in n for n in notes) and not any("head" in n for n in notes)
+
+
+# ------------------------------------------------------------------ defending imported models
+
+
+@pytest.fixture(scope="module")
+def exported(badnets_model, tmp_path_factory):
+    d = badnets_model
+    cfg = d["cfg"]
+    bd, bd_idx, bd_true = d["poisoned"].backdoor_test(d["model"])
+    dest = export_record(d["model"], cfg.arch, cfg.dataset, bd, bd_idx, bd_true, len(d["test"]),
+                         tmp_path_factory.mktemp("exp") / "record" / "badnets_0_1", attack=cfg.attack,
+                         pratio=cfg.pratio, target=cfg.target, seed=cfg.seed, dataset_params=cfg.dataset_params)
+    return dest
+
+
+@pytest.mark.parametrize("defense,params", [("none", {}), ("ft", {"epochs": 2}),
+                                            ("tsbd", {"max_un_epochs": 3, "ft_epochs": 1})])
+def test_defend_an_imported_model_as_bdgrid_defends_its_own(badnets_model, exported, defense, params):
+    from defense.data.splits import defender_subset
+    from defense.external.imported import run_imported
+
+    imp = load_record(exported)
+    # the defender's data are bdgrid's protocol on the same clean training set: identical subsets
+    assert torch.equal(imp.train.x, badnets_model["train"].x)
+    assert torch.equal(defender_subset(imp.train, 0.05, 0)[1], defender_subset(badnets_model["train"], 0.05, 0)[1])
+    weights = {k: v.clone() for k, v in imp.model.state_dict().items()}
+    r = run_imported(imp, defense, params, seed=0)
+    assert r["bd_asr"] > 0.5 and 0 <= r["asr"] <= 1 and 0 <= r["acc"] <= 1
+    assert r["provenance"]["source"] == "backdoorbench" and r["key"] == imp.key
+    changed = any(not torch.equal(v, r["model"].state_dict()[k]) for k, v in weights.items())
+    assert changed == (defense != "none")
+    assert all(torch.equal(v, imp.model.state_dict()[k]) for k, v in weights.items())  # imported model untouched
+    if defense == "none":
+        assert (r["acc"], r["asr"], r["der"]) == (r["bd_acc"], r["bd_asr"], 0.5)
+
+
+def test_checkpoint_with_a_folder_of_backdoor_images(badnets_model, exported, tmp_path):
+    """A plain checkpoint with its triggered test images as a folder measures what the record does."""
+    from defense.external.imported import import_checkpoint
+
+    d = badnets_model
+    f = tmp_path / "model.pt"
+    torch.save(d["model"].state_dict(), f)
+    imp = import_checkpoint(f, "tiny_cnn", "synthetic", "badnets", dataset_params=d["cfg"].dataset_params,
+                            backdoor_test=exported / "bd_test_dataset")
+    ref = load_record(exported)
+    assert evaluate_record(imp) == evaluate_record(ref)
+    rebuilt = import_checkpoint(f, "tiny_cnn", "synthetic", "badnets", dataset_params=d["cfg"].dataset_params)
+    assert evaluate_record(rebuilt) == evaluate_record(ref)  # bdgrid's attack rebuilt with the same seed
+    assert rebuilt.provenance["source"] == "checkpoint" and rebuilt.key != ref.key

@@ -147,17 +147,19 @@ def read_bd_test(record_dir: Path, state: dict, info, where: str) -> tuple[Data,
         fmt = container.get("save_file_format", ".png")
         order = np.asarray(state["original_index_array"]).astype(np.int64).ravel()
         flag = np.asarray(state["poison_indicator"]).ravel()
-    except (KeyError, TypeError, ValueError) as e:
+        entries = {int(k): (int(v["other_info"][0]), int(v["other_info"][1])) for k, v in data_dict.items()}
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise RecordProblem(f"{where}: bd_test is not a BackdoorBench dataset state ({type(e).__name__}: {e})") from None
+    if not re.fullmatch(r"\.\w+", str(fmt)):
+        raise RecordProblem(f"{where}: unusable image file format {fmt!r}")
     folder = record_dir / _bd_folder(state, where)
-    entries = {int(k): v for k, v in data_dict.items()}
     idx = [int(i) for i in order if 0 <= i < len(flag) and flag[i] == 1]
     mode = "L" if info.channels == 1 else "RGB"
     xs, bd_y, true_y = [], [], []
     for i in idx:
         if i not in entries:
             raise RecordProblem(f"{where}: test image {i} is marked poisoned but has no entry in data_dict")
-        bd_label, label = (int(v) for v in entries[i]["other_info"][:2])
+        bd_label, label = entries[i]
         f = folder / str(label) / f"{i}{fmt}"
         if not f.is_file():
             raise RecordProblem(f"{where}: backdoor image missing: {f}")
