@@ -122,9 +122,12 @@ def test_round_trip_keeps_acc_asr_ra(badnets_model, tmp_path):
     d = badnets_model
     model, poisoned, test, cfg = d["model"], d["poisoned"], d["test"], d["cfg"]
     bd, bd_idx, bd_true = poisoned.backdoor_test(model)
-    dest = export_record(model, cfg.arch, cfg.dataset, bd, bd_idx, bd_true, len(test), tmp_path / "record" / "rt",
-                         attack=cfg.attack, pratio=cfg.pratio, target=cfg.target, seed=cfg.seed,
-                         dataset_params=cfg.dataset_params)
+    with pytest.warns(UserWarning, match="model_name 'bdgrid.tiny_cnn'.*BackdoorBench's scripts cannot build"):
+        dest = export_record(model, cfg.arch, cfg.dataset, bd, bd_idx, bd_true, len(test), tmp_path / "record" / "rt",
+                             attack=cfg.attack, pratio=cfg.pratio, target=cfg.target, seed=cfg.seed,
+                             dataset_params=cfg.dataset_params)
+    with pytest.raises(RecordProblem, match="exists; not overwriting"):
+        export_record(model, cfg.arch, cfg.dataset, bd, bd_idx, bd_true, len(test), dest)
     imp = load_record(dest)
     idx = torch.arange(len(test))
     before = evaluate(model, test, poisoned, idx, cfg.target, "cpu")
@@ -219,10 +222,10 @@ def exported(badnets_model, tmp_path_factory):
     d = badnets_model
     cfg = d["cfg"]
     bd, bd_idx, bd_true = d["poisoned"].backdoor_test(d["model"])
-    dest = export_record(d["model"], cfg.arch, cfg.dataset, bd, bd_idx, bd_true, len(d["test"]),
-                         tmp_path_factory.mktemp("exp") / "record" / "badnets_0_1", attack=cfg.attack,
-                         pratio=cfg.pratio, target=cfg.target, seed=cfg.seed, dataset_params=cfg.dataset_params)
-    return dest
+    with pytest.warns(UserWarning, match="bdgrid.tiny_cnn"):
+        return export_record(d["model"], cfg.arch, cfg.dataset, bd, bd_idx, bd_true, len(d["test"]),
+                             tmp_path_factory.mktemp("exp") / "record" / "badnets_0_1", attack=cfg.attack,
+                             pratio=cfg.pratio, target=cfg.target, seed=cfg.seed, dataset_params=cfg.dataset_params)
 
 
 @pytest.mark.parametrize("defense,params", [("none", {}), ("ft", {"epochs": 2}),
@@ -260,3 +263,16 @@ def test_checkpoint_with_a_folder_of_backdoor_images(badnets_model, exported, tm
     rebuilt = import_checkpoint(f, "tiny_cnn", "synthetic", "badnets", dataset_params=d["cfg"].dataset_params)
     assert evaluate_record(rebuilt) == evaluate_record(ref)  # bdgrid's attack rebuilt with the same seed
     assert rebuilt.provenance["source"] == "checkpoint" and rebuilt.key != ref.key
+
+
+def test_find_and_inspect_records_without_loading_data(records, tmp_path):
+    from defense.external.backdoorbench import find_records, inspect_record
+
+    root = records["badnet"].parent
+    assert find_records(root / "*_0_1") == [records["badnet"], records["wanet"]]
+    assert find_records(records["wanet"] / "attack_result.pt") == [records["wanet"]]
+    with pytest.raises(RecordProblem, match="no record folder"):
+        find_records(tmp_path / "*")
+    info = inspect_record(records["wanet"])
+    assert (info["arch"], info["dataset"], info["key"]) == ("preact_resnet18", "cifar10", record_key(records["wanet"]))
+    assert info["provenance"]["attack"] == "wanet" and info["provenance"]["target"] == 0

@@ -227,6 +227,33 @@ def provenance(record_dir: Path, rec: dict, info: dict, target: int | None) -> d
     return {k: (v if isinstance(v, (str, int, float, bool, type(None))) else str(v)) for k, v in out.items()}
 
 
+def find_records(pattern: str | Path) -> list[Path]:
+    """Record folders for a spec entry: a folder, or a glob (``/data/record/*_0_1``) of folders each
+    holding ``attack_result.pt``, sorted; a RecordProblem when nothing matches."""
+    import glob as _glob
+
+    pattern = str(pattern)
+    hits = sorted(Path(p) for p in _glob.glob(pattern)) if _glob.has_magic(pattern) else [Path(pattern)]
+    found = [record_dir_of(p) for p in hits if (record_dir_of(p) / RECORD_FILE).is_file()]
+    if not found:
+        raise RecordProblem(f"backdoorbench: {pattern}: no record folder with {RECORD_FILE} found")
+    return found
+
+
+def inspect_record(record_dir: str | Path) -> dict:
+    """What a spec needs before any compute: arch, dataset, content key and provenance, from the
+    record's files only (no clean data, no images decoded). RecordProblem when unusable."""
+    d = record_dir_of(record_dir)
+    rec = read_record_dict(d)
+    arch, dataset = resolve_names(rec, f"BackdoorBench record {d}")
+    state = rec["bd_test"] if isinstance(rec["bd_test"], dict) else {}
+    folder = _bd_folder(state, f"BackdoorBench record {d}")
+    info = read_info(d)
+    targets = {int(v["other_info"][0]) for v in state.get("bd_data_container", {}).get("data_dict", {}).values()}
+    target = targets.pop() if len(targets) == 1 else None
+    return {"arch": arch, "dataset": dataset, "key": record_key(d, folder), "provenance": provenance(d, rec, info, target)}
+
+
 def load_defense_result(path: str | Path, dataset: str) -> torch.nn.Module:
     """A purified model from BackdoorBench's ``defense_result.pt`` (folder or file) for bdgrid's
     ``dataset``."""
