@@ -276,3 +276,24 @@ def test_find_and_inspect_records_without_loading_data(records, tmp_path):
     info = inspect_record(records["wanet"])
     assert (info["arch"], info["dataset"], info["key"]) == ("preact_resnet18", "cifar10", record_key(records["wanet"]))
     assert info["provenance"]["attack"] == "wanet" and info["provenance"]["target"] == 0
+
+
+def test_torchvision_model_names_import_as_backdoorbench_builds_them(records, tmp_path):
+    """BackdoorBench's 'resnet18' is torchvision's resnet18(num_classes=10): imported as bb_resnet18
+    with the record's weights, it predicts what that torchvision model predicts."""
+    import torchvision
+
+    rec_dir = tmp_path / "record" / "r18"
+    rec_dir.mkdir(parents=True)
+    torch.manual_seed(3)
+    tv = torchvision.models.resnet18(num_classes=10).eval()
+    good = torch.load(records["badnet"] / "attack_result.pt", weights_only=False)
+    torch.save({**good, "model_name": "resnet18", "model": tv.state_dict()}, rec_dir / "attack_result.pt")
+    import shutil
+
+    shutil.copytree(records["badnet"] / "bd_test_dataset", rec_dir / "bd_test_dataset")
+    imp = load_record(rec_dir, records["data_root"], {"download": False})
+    assert imp.arch == "bb_resnet18"
+    x = (imp.test.x.float() / 255 - torch.tensor(CIFAR_MEAN)[:, None, None]) / torch.tensor(CIFAR_STD)[:, None, None]
+    with torch.no_grad():
+        assert torch.equal(imp.model(x).argmax(1), tv(x).argmax(1))

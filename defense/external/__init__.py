@@ -11,3 +11,5 @@ Every user mistake (a missing file, an unknown model name, a pickle that wants t
 is a ``RecordProblem`` with one message naming the file and the value.
 """
 from defense.external.safe_load import RecordProblem  # noqa: F401
+
+__all__ = ["RecordProblem"]
