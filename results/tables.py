@@ -31,6 +31,7 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
+from results import published
 from results.published import load_published, norm
 
 METRICS = ("acc", "asr", "ra", "der", "bd_acc", "bd_asr", "bd_ra")
@@ -492,42 +493,65 @@ def pivot_csv(p: Pivot) -> str:
 # ---------------------------------------------------------------- comparison with published numbers
 
 
+def _cell_setting(k: dict, df: pd.DataFrame | None) -> tuple:
+    """(dataset, arch, pratio) of one cell: from its key where the table splits on the column,
+    else the single value the selected rows hold (None when they hold several or none)."""
+    out = []
+    for col in ("dataset", "arch", "pratio"):
+        if col in k:
+            out.append(k[col])
+            continue
+        vals = df[col].dropna().unique() if df is not None and col in df.columns else []
+        out.append(vals[0] if len(vals) == 1 else None)
+    return tuple(out)
+
+
 def compare(p: Pivot, source: str = "backdoorbench", df: pd.DataFrame | None = None) -> TextTable:
     """Ours beside published numbers: one line per (attack, defense) cell we have, and per metric
-    the columns ours / published / Δ (ours − published, percentage points)."""
+    the columns ours / published / Δ (ours − published, percentage points). Each cell is matched
+    with the published row of its own setting (dataset, arch, pratio); a cell whose setting the
+    source does not cover is compared with ``DEFAULT_SETTING`` and flagged in the notes."""
     if not ({"attack", "defense"} <= set(p.rows + p.cols)):
         raise ValueError("--compare needs 'attack' and 'defense' among --rows/--cols")
     pub = load_published(source)
+    idx = published.index(pub)
     metrics = [m for m in p.metrics if m in ("acc", "asr", "ra", "der")]
-    ref = {(r.attack, r.defense): r for r in pub.itertuples()}
     fields = p.rows + p.cols
     body, notes = [], list(n for n in p.notes if not n.startswith("Mean"))
+    used, across, archs = set(), set(), set()
     for rk in p.row_keys:
         for ck in p.col_keys:
             k = dict(zip(fields, rk + ck))
             if not any((rk, ck, m) in p.cells for m in metrics):
                 continue
-            r = ref.get((norm(k["attack"]), norm(k["defense"])))
+            ours = _cell_setting(k, df)
+            setting = published.counterpart_setting(pub, *ours)
+            if setting is None:
+                setting = published.DEFAULT_SETTING
+                across.add(ours)
+            else:
+                archs.add(str(ours[1]))
+            used.add(setting)
+            r = published.lookup(idx, setting, k["attack"], k["defense"])
             cells = []
             for m in metrics:
                 s = p.cells.get((rk, ck, m))
                 theirs = getattr(r, m) if r is not None else math.nan
-                theirs = math.nan if theirs is None else float(theirs)
+                theirs = math.nan if published.is_missing(theirs) else float(theirs)
                 mark = " †" if s is not None and (rk, ck) in p.tuned else ""
                 cells.append((fmt_stat(s, p.digits, p.expected_n) + mark, False))
                 cells.append((MISSING if math.isnan(theirs) else f"{theirs:.2f}", False))
                 cells.append((MISSING if s is None or math.isnan(theirs) else f"{s.mean - theirs:+.{p.digits}f}", False))
             body.append(([_label(v) for v in rk + ck], cells))
-    setting = pub.iloc[0]
-    notes.append(f"Published: {source}, {setting['dataset']} / {setting['arch']} / pratio {setting['pratio']:g}, "
-                 f"in %; Δ = ours − published (points); {MISSING}: not published in results/published.")
-    if df is not None and not df.empty:
-        for col in ("dataset", "arch", "pratio"):
-            if col in df.columns and col not in fields:
-                ours = {str(v) for v in df[col].dropna().unique()}
-                if ours and ours != {str(setting[col])}:
-                    notes.append(f"Warning: our rows have {col}={', '.join(sorted(ours))}, the published ones "
-                                 f"{setting[col]}: the comparison is across settings.")
+    shown = "; ".join(f"{d} / {a} / pratio {pr:g}" for d, a, pr in sorted(used)) or "none"
+    notes.append(f"Published: {source} ({shown}), in %; Δ = ours − published (points); "
+                 f"{MISSING}: not published in results/published.")
+    for d, a, pr in sorted(across, key=str):
+        ours = ", ".join(f"{c}={v}" for c, v in zip(("dataset", "arch", "pratio"), (d, a, pr)) if v is not None)
+        notes.append(f"Warning: no published setting for our rows with {ours or 'mixed settings'}; compared with "
+                     f"{'/'.join(map(str, published.DEFAULT_SETTING))}: the comparison is across settings.")
+    for a in sorted(archs & set(published.ARCH_NOTES)):
+        notes.append(f"Note: {published.ARCH_NOTES[a]}")
     groups = [(METRIC_LABELS[m], ["ours", SOURCE_LABELS.get(source, source), "Δ"]) for m in metrics]
     return TextTable([f.capitalize() for f in fields], groups, body, notes)
 
