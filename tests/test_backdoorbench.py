@@ -297,3 +297,26 @@ def test_torchvision_model_names_import_as_backdoorbench_builds_them(records, tm
     x = (imp.test.x.float() / 255 - torch.tensor(CIFAR_MEAN)[:, None, None]) / torch.tensor(CIFAR_STD)[:, None, None]
     with torch.no_grad():
         assert torch.equal(imp.model(x).argmax(1), tv(x).argmax(1))
+
+
+def test_trial_from_a_backdoorbench_record_on_the_command_line(records):
+    """`bdgrid trial --from-backdoorbench RECORD`: the record's numbers as the import measures them
+    (its own test split), and a clear message, no traceback, for a folder that is not a record."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from defense.external.imported import run_imported
+    from grid.cli import app
+
+    rec = records["badnet"]
+    r = CliRunner().invoke(app, ["trial", "--from-backdoorbench", str(rec), "--data-root", str(records["data_root"]),
+                                 "--data-param", "download=false", "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    want = run_imported(load_record(rec, records["data_root"], {"download": False}), "none")
+    assert (got["bd_acc"], got["bd_asr"]) == (pytest.approx(want["bd_acc"]), pytest.approx(want["bd_asr"]))
+    assert got["provenance"]["source"] == "backdoorbench" and got["model_key"] == want["key"]
+    r = CliRunner().invoke(app, ["trial", "--from-backdoorbench", str(rec.parent), "--data-root",
+                                 str(records["data_root"])])
+    assert r.exit_code == 2 and "Traceback" not in r.output and "error" in r.output

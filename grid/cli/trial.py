@@ -27,10 +27,18 @@ def trial(
     epochs: Optional[int] = typer.Option(None, help="Override the recipe's number of attack-training epochs."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:1, or auto (GPU when there is one)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    from_backdoorbench: Optional[str] = typer.Option(None, "--from-backdoorbench", metavar="RECORD",
+                                                     help="Defend the model of a BackdoorBench record folder (its "
+                                                          "attack_result.pt and bd_test_dataset/) instead of training one; "
+                                                          "clean data from --data-root."),
 ):
-    """Train one backdoored model, apply one defense, print ACC / ASR / RA (and DER)."""
+    """Train one backdoored model (or import one), apply one defense, print ACC / ASR / RA (and DER)."""
     from defense.registry import BadParams, UnknownName
     from defense.trial import TrialConfig, run_trial
+
+    if from_backdoorbench:
+        return _imported_trial(from_backdoorbench, defense, parse_params(param), parse_params(data_param, "--data-param"),
+                               data_root, seed, device, as_json)
 
     cfg = TrialConfig(dataset=dataset, arch=arch, attack=attack, pratio=pratio, target=target, seed=seed,
                       defense=defense, defense_params=parse_params(param), attack_params=parse_params(attack_param),
@@ -111,3 +119,34 @@ def check_trial(cfg) -> list[str]:
     if bad_device:
         problems.append(bad_device)
     return problems
+
+
+def _imported_trial(record: str, defense: str, params: dict, data_params: dict, data_root, seed: int, device: str,
+                    as_json: bool) -> None:
+    """`bdgrid trial --from-backdoorbench`: the record's model, measured on its own backdoor test
+    images, defended with bdgrid's defender protocol (5% of the clean training set, seeded)."""
+    from defense.external.backdoorbench import load_record
+    from defense.external.imported import run_imported
+    from defense.external.safe_load import RecordProblem
+    from defense.registry import BadParams, UnknownName
+
+    try:
+        imp = load_record(record, data_root, data_params)
+        res = run_imported(imp, defense, params, seed=seed, device=device)
+    except (RecordProblem, UnknownName, BadParams, FileNotFoundError) as e:
+        fail(str(e))
+    keys = ["bd_acc", "bd_asr", "bd_ra", "acc", "asr", "ra", "der"]
+    if as_json:
+        print(json.dumps({**{k: res[k] for k in keys}, "model_key": res["key"], "arch": res["arch"],
+                          "dataset": res["dataset"], "provenance": res["provenance"],
+                          "diagnostics": res["diagnostics"], "wall_s": res["wall_s"]}, default=str))
+        return
+    t = Table(title=f"BackdoorBench record {record}: {res['dataset']} / {res['arch']} / defense {defense}")
+    for c in ["", "ACC", "ASR", "RA"]:
+        t.add_column(c, justify="right")
+    t.add_row("no defense", *(f"{100 * res[k]:.2f}" for k in ("bd_acc", "bd_asr", "bd_ra")))
+    if defense != "none":
+        t.add_row(defense, *(f"{100 * res[k]:.2f}" for k in ("acc", "asr", "ra")))
+    console.print(t)
+    if defense != "none":
+        console.print(f"DER {100 * res['der']:.2f}%   ({res['wall_s']:.1f} s on {res['device']})")
