@@ -1,7 +1,7 @@
 """The ``bdgrid`` command line: one module per command group, over ``common`` (shared helpers).
 
     trial            grid.cli.trial      one trial, no Ray
-    run/validate/status   grid.cli.grid  a grid spec
+    run/validate/status/verify   grid.cli.grid  a grid spec and its run folder
     tune             grid.cli.tune       Optuna over a grid spec's tune: block
     attacks ...      grid.cli.attacks    list attacks, preview triggers
     defenses list    grid.cli.defenses   every defense with its parameters, defaults and meanings
@@ -47,6 +47,7 @@ app.command("trial")(trial.trial)
 app.command("run")(grid.run_cmd)
 app.command("validate")(grid.validate_cmd)
 app.command("status")(grid.status_cmd)
+app.command("verify")(grid.verify_cmd)
 app.command("tune")(tune.tune)
 app.command("table")(table)
 app.command("export-model")(export.export_model)

@@ -123,3 +123,59 @@ def status_cmd(out: str = typer.Option(..., "--out", "-o", help="The output fold
     if st.get("finished") and failed:  # a finished run with failures is not a success, for scripts too
         console.print(f"the run ended with {failed} failed stage(s); rerun `bdgrid run` to retry them")
         raise typer.Exit(1)
+
+
+def verify_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="The run folder to check."),
+    artifacts: Optional[str] = typer.Option(None, help="Artifact root (default: the run's, from <out>/spec.yaml)."),
+    repair: bool = typer.Option(False, "--repair", help="Set aside what is damaged and recompute it (runs the "
+                                                        "run's saved spec, as `bdgrid run` would)."),
+    address: Optional[str] = typer.Option(None, help="With --repair: a Ray cluster to join (default: local)."),
+):
+    """Check every artifact and result file of a run (checksums, the safe loader, row invariants);
+    exit 1 if anything is damaged. Without --repair nothing changes."""
+    import yaml
+
+    from grid.run import execute_plan
+    from grid.store import ArtifactStore
+    from grid.verify import check, saved_spec, set_aside
+
+    if not out.is_dir():
+        fail(f"no run folder {out}")
+    if artifacts is None:
+        meta = out / "spec.yaml"
+        spec = (yaml.safe_load(meta.read_text()) or {}).get("spec", {}) if meta.exists() else {}
+        artifacts = spec.get("artifacts") or str((out / "artifacts").resolve())
+    store = ArtifactStore(artifacts)
+    f = check(out, store)
+    console.print(f"checked {f.artifacts_checked} artifact(s) in {artifacts} and {f.results_checked} result file(s) "
+                  f"in {out}", highlight=False)
+    for kind, key, why in f.bad_artifacts:
+        console.print(f"[red]damaged artifact[/] {kind} {key}: {why}", highlight=False)
+    for p, why in f.bad_results:
+        console.print(f"[red]damaged result file[/] {p}: {why}", highlight=False)
+    if f.ok:
+        console.print("[green]all intact[/]")
+        return
+    if not repair:
+        console.print("nothing changed; `bdgrid verify --repair` sets them aside and recomputes them")
+        raise typer.Exit(1)
+    ls = saved_spec(out)
+    if ls is None:
+        fail(f"no usable saved spec in {out} (spec.source.yaml); set the damaged files aside by hand and rerun "
+             f"`bdgrid run SPEC --out {out}`", 1)
+    set_aside(out, store, f)
+    started = ray_session(address)
+    try:
+        res = execute_plan(ls, out, artifacts=artifacts, show_progress=False, console=console)
+    except RunLocked as e:
+        fail(str(e), 1)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    n = sum(1 for k in res.done if res.plan.stages[k].kind != "data")  # the data load is not a recomputation
+    console.print(f"repaired: {n} stage(s) recomputed; {len(res.failed)} failed")
+    if not res.ok:
+        raise typer.Exit(1)

@@ -1,0 +1,66 @@
+"""`bdgrid verify`: every artifact and result file of a real (tiny) run checked; damage reported
+without changing anything; `--repair` sets it aside and recomputes it, with the numbers back."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import results
+from grid.cli import app
+
+SPEC = """\
+name: v
+datasets: [{name: synthetic, params: {n_train: 600, n_test: 200}}]
+archs: [tiny_cnn]
+attacks: [badnets]
+defenses: [none, {name: ft, params: {epochs: 1}}]
+recipe: fast
+epochs: 1
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    from grid.run import connect
+
+    started = connect(None, num_cpus=2)
+    yield
+    if started:
+        ray.shutdown()
+
+
+def test_verify_reports_damage_without_changing_anything_and_repair_recomputes_it(ray_session, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["run", str(spec), "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    before = results.load(out).set_index(["key", "split"]).sort_index()
+    assert CliRunner().invoke(app, ["verify", "--out", str(out)]).exit_code == 0
+
+    ft = before[before["defense"] == "ft"].reset_index().iloc[0]
+    victim = out / "results" / f"eval-{ft['key']}.parquet"
+    blob = bytearray(victim.read_bytes())
+    blob[len(blob) // 2] ^= 0x10  # one bit inside the data
+    victim.write_bytes(bytes(blob))
+    art = next((out / "artifacts" / "defense").rglob("*.bdg"))
+    art.write_bytes(art.read_bytes()[:500])  # a truncated purified model
+    damaged = {p: p.read_bytes() for p in (victim, art)}
+
+    r = CliRunner().invoke(app, ["verify", "--out", str(out)], env={"COLUMNS": "250"})
+    assert r.exit_code == 1, r.output
+    assert "damaged artifact defense" in r.output and f"damaged result file {victim}" in r.output
+    assert all(p.read_bytes() == b for p, b in damaged.items())  # nothing changed without --repair
+
+    r = CliRunner().invoke(app, ["verify", "--out", str(out), "--repair"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    assert "repaired: 2 stage(s) recomputed" in r.output  # the defense and its eval (data is a load)
+    assert (out / "damaged" / "results" / victim.name).exists()  # set aside, not deleted
+    after = results.load(out).set_index(["key", "split"]).sort_index()
+    for col in ("acc", "asr", "ra", "der", "bd_acc", "bd_asr"):
+        assert after[col].tolist() == pytest.approx(before[col].tolist(), abs=0), col  # the exact numbers back
+    assert CliRunner().invoke(app, ["verify", "--out", str(out)]).exit_code == 0
