@@ -64,3 +64,26 @@ def test_verify_reports_damage_without_changing_anything_and_repair_recomputes_i
     for col in ("acc", "asr", "ra", "der", "bd_acc", "bd_asr"):
         assert after[col].tolist() == pytest.approx(before[col].tolist(), abs=0), col  # the exact numbers back
     assert CliRunner().invoke(app, ["verify", "--out", str(out)]).exit_code == 0
+
+
+def test_a_runs_model_exported_as_a_backdoorbench_record_imports_back_with_the_same_numbers(ray_session, tmp_path):
+    from defense.external.backdoorbench import load_record
+    from defense.external.imported import run_imported
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC)
+    out = tmp_path / "out"
+    assert CliRunner().invoke(app, ["run", str(spec), "--out", str(out), "-q"]).exit_code == 0
+    df = results.load(out)
+    none = df[(df["defense"] == "none") & (df["split"] == "test")].iloc[0]
+    ft = df[(df["defense"] == "ft") & (df["split"] == "test")].iloc[0]
+    r = CliRunner().invoke(app, ["export-model", str(tmp_path / "rec"), "--out", str(out), "--key", none["model_key"],
+                                 "--format", "backdoorbench"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "rec" / "attack_result.pt").exists() and (tmp_path / "rec" / "bd_test_dataset").is_dir()
+    got = run_imported(load_record(tmp_path / "rec"), "none")  # BackdoorBench's layout read back by bdgrid
+    for k in ("acc", "asr", "ra"):
+        assert got[f"bd_{k}"] == pytest.approx(float(none[f"bd_{k}"]), abs=1e-6), k
+    r = CliRunner().invoke(app, ["export-model", str(tmp_path / "def"), "--out", str(out), "--key", ft["defense_key"],
+                                 "--format", "backdoorbench"])
+    assert r.exit_code == 0 and (tmp_path / "def" / "defense_result.pt").exists(), r.output

@@ -15,8 +15,11 @@ def export_model(
     out: Path = typer.Option(..., "--out", "-o", help="The run folder the model belongs to."),
     key: str = typer.Option(..., "--key", help="A row's defense_key (purified model) or model_key (backdoored model)."),
     artifacts: Optional[str] = typer.Option(None, help="Artifact root (default: the run's, from <out>/spec.yaml)."),
+    fmt: str = typer.Option("state_dict", "--format", help="state_dict (a .pt of tensors) or backdoorbench (OUTPUT is "
+                                                             "a folder: a backdoored model as a record, attack_result.pt "
+                                                             "with its bd_test_dataset/; a purified one as defense_result.pt)."),
 ):
-    """Write a backdoored or purified model as a plain state_dict (tensors only)."""
+    """Write a backdoored or purified model as a plain state_dict, or in BackdoorBench's layout."""
     import torch
     import yaml
 
@@ -37,7 +40,54 @@ def export_model(
         state = store.get(kind, key)["state"]
     except CorruptArtifact as e:
         fail(f"{e}; rerun `bdgrid run` to recompute it")
+    if fmt == "backdoorbench":
+        return _to_backdoorbench(out, kind, key, store, output)
+    if fmt != "state_dict":
+        fail(f"unknown --format '{fmt}'; valid: state_dict, backdoorbench")
     output.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.contiguous() for k, v in state.items()}, output)
     err.print(f"wrote {output}: the {'purified' if kind == 'defense' else 'backdoored'} model, {len(state)} tensors "
               f"(torch.load(path, weights_only=True))", highlight=False)
+
+
+def _to_backdoorbench(out: Path, kind: str, key: str, store, dest: Path) -> None:
+    """The model of ``key`` in BackdoorBench's layout, its identity read from the run's rows."""
+    import json
+
+    import torch
+
+    import results
+    from defense.data import Data, dataset_info
+    from defense.external.backdoorbench import export_defense_result, export_record
+    from defense.external.safe_load import RecordProblem
+    from defense.models import create_model
+
+    df = results.load(out)
+    col = "defense_key" if kind == "defense" else "model_key"
+    rows = df[df[col] == key] if col in df.columns else df.iloc[:0]
+    if rows.empty:
+        fail(f"no result row of {out} names {col} {key}; export rows written by this bdgrid version")
+    row = rows.iloc[0]
+    info = dataset_info(row["dataset"])
+    model = create_model(row["arch"], num_classes=info.num_classes, in_channels=info.channels, image_size=info.size)
+    art = store.get(kind, key)
+    model.load_state_dict(art["state"])
+    if kind == "defense":
+        path = export_defense_result(model, row["arch"], row["dataset"], dest)
+        err.print(f"wrote {path} (BackdoorBench's defense_result.pt)", highlight=False)
+        return
+    m = art.get("metrics", {})
+    try:
+        n_test = int(m["test"]["n_clean"]) + int(m["val"]["n_clean"])
+    except (KeyError, TypeError):
+        fail(f"the attack artifact {key} predates the image counts an export needs; rerun its grid to refresh it")
+    target = int(row["target"])
+    bd = Data(art["bd_x"], torch.full((len(art["bd_x"]),), target, dtype=torch.long), info)
+    dparams = json.loads(row["dataset_params"]) if isinstance(row.get("dataset_params"), str) else {}
+    try:
+        path = export_record(model, row["arch"], row["dataset"], bd, art["bd_idx"], art["bd_true"], n_test, dest,
+                             attack=row["attack"], pratio=float(row["pratio"]), target=target, seed=int(row["seed"]),
+                             dataset_params=dparams)
+    except RecordProblem as e:
+        fail(str(e))
+    err.print(f"wrote the BackdoorBench record {path} (attack_result.pt, bd_test_dataset/, info.pickle)", highlight=False)
