@@ -122,10 +122,21 @@ def test_round_trip_keeps_acc_asr_ra(badnets_model, tmp_path):
     d = badnets_model
     model, poisoned, test, cfg = d["model"], d["poisoned"], d["test"], d["cfg"]
     bd, bd_idx, bd_true = poisoned.backdoor_test(model)
+    pidx = poisoned.poison_idx
+    bd_train = (poisoned.train.subset(pidx), pidx, d["train"].y[pidx])
     with pytest.warns(UserWarning, match="model_name 'bdgrid.tiny_cnn'.*BackdoorBench's scripts cannot build"):
         dest = export_record(model, cfg.arch, cfg.dataset, bd, bd_idx, bd_true, len(test), tmp_path / "record" / "rt",
                              attack=cfg.attack, pratio=cfg.pratio, target=cfg.target, seed=cfg.seed,
-                             dataset_params=cfg.dataset_params)
+                             dataset_params=cfg.dataset_params, bd_train=bd_train, n_train=len(d["train"]))
+    # BackdoorBench's layout: the dict save_attack_result writes, the poisoned training images as PNGs
+    rec = torch.load(dest / "attack_result.pt", weights_only=False)
+    assert set(rec) >= {"model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train",
+                        "bd_test"}
+    tr = rec["bd_train"]
+    assert int(tr["poison_indicator"].sum()) == len(pidx) == len(list((dest / "bd_train_dataset").rglob("*.png")))
+    i = int(pidx[0])
+    png = np.array(Image.open(dest / "bd_train_dataset" / str(int(d["train"].y[i])) / f"{i}.png"))
+    assert torch.equal(torch.from_numpy(png.transpose(2, 0, 1)), poisoned.train.x[i])
     with pytest.raises(RecordProblem, match="exists; not overwriting"):
         export_record(model, cfg.arch, cfg.dataset, bd, bd_idx, bd_true, len(test), dest)
     imp = load_record(dest)
@@ -229,7 +240,7 @@ def exported(badnets_model, tmp_path_factory):
 
 
 @pytest.mark.parametrize("defense,params", [("none", {}), ("ft", {"epochs": 2}),
-                                            ("tsbd", {"max_un_epochs": 3, "ft_epochs": 1})])
+                                            ("tsbd", {"max_un_epochs": 3, "ft_epochs": 1, "un_threshold": 0.95})])
 def test_defend_an_imported_model_as_bdgrid_defends_its_own(badnets_model, exported, defense, params):
     from defense.data.splits import defender_subset
     from defense.external.imported import run_imported

@@ -141,6 +141,9 @@ def read_bd_test(record_dir: Path, state: dict, info, where: str) -> tuple[Data,
     """(backdoor images with their backdoor labels, original test indices, true labels)."""
     from PIL import Image
 
+    if "bd_data_container" not in state and "x" in state:
+        raise RecordProblem(f"{where}: a BackdoorBench 1.x record (images inside attack_result.pt, "
+                            "utils/bd_dataset.py); bdgrid reads the 2.x layout (bd_test_dataset/ image files)")
     try:
         container = state["bd_data_container"]
         data_dict = container["data_dict"]
