@@ -62,7 +62,7 @@ def load_splits(cfg: TrialConfig) -> tuple[Data, Data, torch.Tensor, torch.Tenso
 def make_poisoned(cfg: TrialConfig, train_set: Data, test_set: Data, resources=None) -> Poisoned:
     ctx = AttackContext(target=cfg.target, pratio=cfg.pratio, seed=cfg.seed, arch=cfg.arch,
                         device=pick_device(cfg.device), resources=resources,
-                        recipe=get_recipe(cfg.recipe), progress=cfg.progress)
+                        recipe=get_recipe(cfg.recipe, cfg.dataset), progress=cfg.progress)
     entry = ATTACKS.get(cfg.attack)
     return entry.fn(train_set, test_set, entry.make_params(cfg.attack_params), ctx)
 
@@ -71,7 +71,7 @@ def train_backdoored(cfg: TrialConfig, poisoned: Poisoned) -> tuple[torch.nn.Mod
     info = poisoned.train.info
     torch.manual_seed(cfg.seed)  # before create_model: the initial weights come from the seed, not the process
     model = create_model(cfg.arch, num_classes=info.num_classes, in_channels=info.channels, image_size=info.size)
-    recipe = get_recipe(cfg.recipe)
+    recipe = get_recipe(cfg.recipe, cfg.dataset)  # paper: BackdoorBench's epochs for the dataset
     hist = train(model, poisoned.train, recipe, seed=cfg.seed, device=pick_device(cfg.device), hook=poisoned.hook,
                  epochs=cfg.epochs, progress=cfg.progress, desc=f"attack {cfg.attack}")
     return model, hist

@@ -146,8 +146,8 @@ def add_cell(plan: Plan, ls: LoadedSpec, cell: Cell) -> CellStages:
     if cell in plan.cell_stages:
         return plan.cell_stages[cell]
     s = ls.spec
-    recipe = dataclasses.asdict(get_recipe(s.recipe, epochs=s.epochs))
     ds, atk = s.datasets[cell.dataset], s.attacks[cell.attack]
+    recipe = dataclasses.asdict(get_recipe(s.recipe, ds.name, epochs=s.epochs))  # paper: the dataset's epochs
     data = plan.add("data", {"dataset": ds.name, "params": _resolved(DATASETS.get(ds.name), ds.params)}, (),
                     run={"root": ds.root, "base_dir": str(ls.base_dir)}, info={"dataset": ds.name})
     aentry = ATTACKS.get(atk.name)

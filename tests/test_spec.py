@@ -391,3 +391,19 @@ def test_dry_run_plans_without_the_data_and_validate_agrees_on_the_rest(tmp_path
     assert r.exit_code == 0, r.output
     assert "missing data (a real run needs it)" in r.output and "1512" in r.output  # every eval planned
     assert not (tmp_path / "o").exists()  # a dry run writes nothing
+
+
+def test_paper_recipe_trains_each_dataset_for_backdoorbenchs_epochs_in_grids_and_trials():
+    """A grid and `bdgrid trial` resolve `paper` the same way: BackdoorBench's per-dataset epochs
+    (defense/train.py PAPER_EPOCHS, from its config/attack/prototype/*.yaml), unless overridden."""
+    from defense.train import PAPER_EPOCHS
+    from defense.trial import TrialConfig
+    from grid.plan import build_plan, trial_spec
+
+    for dataset in ("cifar10", "gtsrb", "tiny-imagenet"):
+        ls = trial_spec(TrialConfig(dataset=dataset, recipe="paper"))
+        [attack] = build_plan(ls, with_defenses=False).of_kind("attack")
+        assert attack.config["recipe"]["epochs"] == PAPER_EPOCHS[dataset], dataset
+    ls = trial_spec(TrialConfig(dataset="gtsrb", recipe="paper", epochs=7))
+    [attack] = build_plan(ls, with_defenses=False).of_kind("attack")
+    assert attack.config["recipe"]["epochs"] == 7
