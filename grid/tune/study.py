@@ -42,6 +42,20 @@ def open_storage(url: str):
 
 
 def make_sampler(t: TuneBlock):
+    """The sampler; Optuna marks ``multivariate``/``constant_liar`` experimental and says so on every
+    construction: that notice shows with ``-v`` only (logging), not as a warning per run."""
+    import logging
+    import warnings
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        sampler = _make_sampler(t)
+    for w in said:
+        logging.getLogger("bdgrid.tune").info("optuna: %s", w.message)
+    return sampler
+
+
+def _make_sampler(t: TuneBlock):
     import optuna
 
     s = t.sampler
