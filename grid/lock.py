@@ -25,8 +25,13 @@ class RunLocked(RuntimeError):
 
 def acquire(out: str | Path) -> int:
     """Take the folder's lock (or raise ``RunLocked``); returns the file descriptor holding it."""
+    from results.writer import WriteError
+
     path = Path(out) / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # a read-only --out: say so before anything runs
+        raise WriteError.of(path, e) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -526,6 +526,23 @@ class Runner:
         return self.res
 
 
+def ensure_writable(out: str | Path) -> Path:
+    """Create ``out`` and prove a file can be written there, before any Ray start-up or compute:
+    a read-only or full disk is one ``WriteError`` naming the folder."""
+    import tempfile
+
+    from results.writer import WriteError
+
+    out = Path(out).resolve()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-probe.", suffix=".tmp"):
+            pass
+    except OSError as e:
+        raise WriteError.of(out, e) from None
+    return out
+
+
 def save_spec(ls: LoadedSpec, out: Path) -> None:
     """``<out>/spec.yaml``: the spec as resolved (every default filled in) with its hash and source
     file, so a run folder says what produced it; ``<out>/spec.source.yaml``: the file as written."""
@@ -545,8 +562,13 @@ def open_runner(ls: LoadedSpec, out: str | Path, plan: Plan, *, artifacts: str |
     """A Runner on the connected Ray cluster (see ``connect``) for ``plan``, writing under ``out``."""
     from results.writer import clean_stale_tmp, set_aside_damaged
 
+    from results.writer import WriteError
+
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only or full disk: one message before Ray does any work
+        raise WriteError.of(out, e) from None
     import_plugins(ls.spec.imports, [str(ls.base_dir.resolve())])  # validation reported any failure
     store = ArtifactStore(artifact_root(ls, out, artifacts))
     runner = Runner(ls, plan, out, store, show_progress=show_progress, console=console)

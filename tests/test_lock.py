@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 import subprocess
 import sys
 import time
@@ -62,3 +63,26 @@ def test_lock_of_a_killed_driver_is_taken_over(tmp_path):
         except lock.RunLocked:
             assert time.time() < deadline
             time.sleep(0.1)
+
+
+def test_a_read_only_out_is_one_message_before_any_compute(tmp_path):
+    """`bdgrid run` into a read-only folder (a read-only bind mount in a private mount namespace):
+    exit 1, the folder named, no traceback, and Ray never started."""
+    import shutil
+
+    if not shutil.which("unshare"):
+        pytest.skip("no unshare here")
+    spec = tmp_path / "s.yaml"
+    spec.write_text(SPEC)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    bdgrid = str(Path(sys.executable).parent / "bdgrid")
+    script = (f"mount --bind {ro} {ro} && mount -o remount,ro,bind {ro} {ro} && "
+              f"{bdgrid} run {spec} --out {ro}/out -q")
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    if "mount" in r.stderr and "permission denied" in r.stderr.lower():
+        pytest.skip(f"mount namespaces not permitted here: {r.stderr.strip()[:200]}")
+    assert r.returncode == 1, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    text = " ".join((r.stdout + r.stderr).split())
+    assert f"cannot write {ro}/out" in text and "read-only" in text and "Traceback" not in text
+    assert "Token authentication" not in text and "ray" not in text.lower()  # refused before Ray started

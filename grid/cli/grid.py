@@ -50,7 +50,7 @@ def run_cmd(
     """Run a grid: every cell's backdoored model once, every defense on it, every evaluation.
     Resumes by default: finished stages are skipped, failed ones retried."""
     from grid.plan import build_plan
-    from grid.run import artifact_root, cluster_gpus, execute_plan, needed_stages, paper_table
+    from grid.run import artifact_root, cluster_gpus, ensure_writable, execute_plan, needed_stages, paper_table
     from grid.store import ArtifactStore
     from grid.validate import validate
 
@@ -71,6 +71,11 @@ def run_cmd(
         if corrupt:
             console.print(f"[yellow]{len(corrupt)} corrupt artifact(s); a run will recompute them[/]")
         return
+    try:
+        ensure_writable(out_path)
+    except WriteError as e:
+        fail(str(e).replace("; nothing was written under that name (what was there before is kept)", "")
+             + "; choose a writable --out", 1)
     started = ray_session(address, num_cpus)
     try:
         if gpu_check:

@@ -50,6 +50,13 @@ def tune(
         return
     say = (lambda m: err.print(m, highlight=False)) if as_json else (lambda m: console.print(m, highlight=False))
     summary: dict = {"study": tu.study_name, "storage": tu.storage}
+    from grid.run import ensure_writable
+    from results.writer import WriteError
+
+    try:
+        ensure_writable(tu.out)
+    except WriteError as e:
+        fail(f"{e}; choose a writable --out", 1)
     started = False
     try:
         if not report or evaluate:
