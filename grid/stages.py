@@ -108,6 +108,10 @@ def _log(out: str, stage: Stage, seconds: float, node: str = "-") -> None:
         os.close(fd)
 
 
+def _log_path(env: dict, stage: Stage) -> Path:
+    return Path(env["out"]) / "logs" / f"{stage.kind}-{stage.key}.log"
+
+
 class _Capture:
     """Records what a defense says while it runs: ``warnings.warn`` calls and ``ctx.log`` lines.
 
@@ -117,9 +121,12 @@ class _Capture:
 
     MAX_LOG = 500  # ctx.log lines kept per stage: per-epoch lines of a 1000-epoch run stay bounded
 
-    def __init__(self):
+    def __init__(self, failure_log: Path | None = None):
         self.warnings: list[str] = []
         self.lines: list[str] = []
+        # where the lines go if the stage raises: the driver writes them only for a stage that
+        # returned, and the lines before a failure are what explains it
+        self.failure_log = failure_log
 
     def log(self, msg) -> None:
         if len(self.lines) < self.MAX_LOG:
@@ -137,6 +144,13 @@ class _Capture:
             msg = str(w.message)
             if msg not in self.warnings:
                 self.warnings.append(msg)
+        if exc[0] is not None and self.failure_log is not None and (self.lines or self.warnings):
+            try:
+                self.failure_log.parent.mkdir(parents=True, exist_ok=True)
+                self.failure_log.write_text("".join(f"{ln}\n" for ln in self.lines)
+                                            + "".join(f"warning: {w}\n" for w in self.warnings))
+            except OSError:
+                pass  # the failure itself is what the driver reports
         return False
 
     def output(self) -> dict:
@@ -241,7 +255,7 @@ def run_prepare(stage: Stage, data: dict, store: ArtifactStore, env: dict) -> di
     atk = store.get("attack", stage.parents[1])
     entry = DEFENSES.get(stage.config["defense"])
     model = _model(stage.info["arch"], train.info, atk["state"]).to(dev)
-    with _Capture() as cap:
+    with _Capture(_log_path(env, stage)) as cap:
         ctx = DefenseContext(device=dev, seed=stage.config["seed"], target=stage.info.get("target"), log=cap.log)
         prepared = entry.meta["prepare"](model, _clean(train, stage.config).to(dev),
                                          entry.make_params(stage.run["params"]), ctx)
@@ -261,7 +275,7 @@ def run_defense_stage(stage: Stage, data: dict, store: ArtifactStore, env: dict)
     atk = store.get("attack", stage.parents[1])
     prep = store.get("prepare", stage.parents[2]) if len(stage.parents) > 2 else {}
     model = _model(stage.info["arch"], train.info, atk["state"]).to(dev)
-    with _Capture() as cap:
+    with _Capture(_log_path(env, stage)) as cap:
         ctx = DefenseContext(device=dev, seed=c["seed"], target=stage.info.get("target"),
                              prepared=prep.get("prepared"), log=cap.log)
         res = run_defense(c["defense"], model, _clean(train, c).to(dev), c["params"], ctx)

@@ -46,4 +46,5 @@ if "fault" not in DEFENSES:
                 return DefenseOutput(model, {"survived": True})
         if (d / "fixed").exists():  # the user fixed the cause: a rerun of the same stage succeeds
             return DefenseOutput(model, {"fixed": True})
+        ctx.log("fault: about to fail (a line the failure log keeps)")
         raise RuntimeError("injected failure in a defense stage (grid_faults)")

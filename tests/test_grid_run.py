@@ -237,6 +237,8 @@ def test_failing_stage_is_marked_failed_rest_goes_on_and_rerun_retries(ray_sessi
     tb = (out / "failures" / f"defense-{d.key}.txt").read_text()
     assert "Traceback" in tb and "injected failure" in tb and "attempts: 2" in tb  # 1 try + retries: 1
     assert "\x1b[" not in tb  # plain text, no terminal colour codes
+    log = (out / "logs" / f"defense-{d.key}.log").read_text()  # what it said before failing is kept
+    assert "about to fail" in log
     assert len(res.skipped) == 1  # its eval
     df = results.load(out)
     assert list(df["defense"].unique()) == ["none"] and len(df) == 2  # the rest of the grid went on
