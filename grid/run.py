@@ -314,7 +314,10 @@ class _Progress:
 def artifact_root(ls: LoadedSpec, out: Path, override: str | None = None) -> str:
     """--artifacts, else the spec's ``artifacts``, else $BDGRID_ARTIFACTS (set on cluster nodes by
     cluster.yaml), else ``<out>/artifacts``."""
-    return str(override or ls.spec.artifacts or os.environ.get("BDGRID_ARTIFACTS") or Path(out).resolve() / "artifacts")
+    art = ls.spec.artifacts
+    if art and "://" not in art and not Path(art).expanduser().is_absolute():
+        art = str((ls.base_dir / art).resolve())  # a path in a spec is relative to the spec file, as every other
+    return str(override or art or os.environ.get("BDGRID_ARTIFACTS") or Path(out).resolve() / "artifacts")
 
 
 class Runner:

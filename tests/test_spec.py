@@ -407,3 +407,20 @@ def test_paper_recipe_trains_each_dataset_for_backdoorbenchs_epochs_in_grids_and
     ls = trial_spec(TrialConfig(dataset="gtsrb", recipe="paper", epochs=7))
     [attack] = build_plan(ls, with_defenses=False).of_kind("attack")
     assert attack.config["recipe"]["epochs"] == 7
+
+
+def test_every_path_in_a_spec_is_relative_to_the_spec_file(tmp_path, monkeypatch):
+    from grid.cli.common import out_dir
+    from grid.run import artifact_root
+    from grid.spec import load_spec
+
+    (tmp_path / "specs").mkdir()
+    f = tmp_path / "specs" / "s.yaml"
+    f.write_text("name: s\ndatasets: [synthetic]\narchs: [tiny_cnn]\nattacks: [badnets]\nout: ../runs/s\n"
+                 "artifacts: ../store\n")
+    monkeypatch.chdir(tmp_path.parent)  # run from another folder than the spec's
+    ls, problems = load_spec(f)
+    assert not problems
+    assert out_dir(ls, None).resolve() == (tmp_path / "runs" / "s").resolve()
+    assert Path(artifact_root(ls, out_dir(ls, None))) == (tmp_path / "store").resolve()
+    assert out_dir(ls, "cli-out") == Path("cli-out")  # a command-line path is the current folder's

@@ -54,8 +54,14 @@ def load_spec_or_exit(spec_file: str, gpus: float | None, max_stages: int | None
 
 
 def out_dir(ls, out: str | None) -> Path:
-    """--out, else the spec's ``out``, else runs/<name>."""
-    return Path(out or ls.spec.out or f"runs/{ls.spec.name}")
+    """--out (relative to the current folder, as any command-line path), else the spec's ``out``
+    (relative to the spec file, as every path in a spec), else runs/<name> in the current folder."""
+    if out:
+        return Path(out)
+    if ls.spec.out:
+        p = Path(ls.spec.out).expanduser()
+        return p if p.is_absolute() else ls.base_dir / p
+    return Path(f"runs/{ls.spec.name}")
 
 
 def local_gpus() -> int:
