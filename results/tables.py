@@ -358,15 +358,21 @@ class TextTable:
     notes: list[str]
 
 
+def _shown(p: Pivot, ck: tuple) -> list[str]:
+    """The metrics a column shows: no DER under 'no defense' (it would be a column of dashes)."""
+    return [m for m in p.metrics if not (m == "der" and _is_none_defense(p.cols, ck))]
+
+
 def to_text_table(p: Pivot) -> TextTable:
     stub = [c.capitalize() for c in p.rows]
-    groups = [(" / ".join(_label(v) for v in ck), [METRIC_LABELS[m] for m in p.metrics]) for ck in p.col_keys]
+    cols = [ck for ck in p.col_keys if _shown(p, ck)]
+    groups = [(" / ".join(_label(v) for v in ck), [METRIC_LABELS[m] for m in _shown(p, ck)]) for ck in cols]
     body = []
     for rk in p.row_keys:
         best = {m: best_cols(p, rk, m) for m in p.metrics}
         cells = []
-        for ck in p.col_keys:
-            for m in p.metrics:
+        for ck in cols:
+            for m in _shown(p, ck):
                 s = p.cells.get((rk, ck, m))
                 txt = fmt_stat(s, p.digits, p.expected_n)
                 if s is None and (rk, ck) in p.failed:
@@ -415,12 +421,16 @@ def tex_escape(s: str) -> str:
             .replace("Δ", r"$\Delta$"))
 
 
-def text_latex(t: TextTable) -> str:
-    """A booktabs ``tabular`` (for ``\\input``; needs ``\\usepackage{booktabs}``). Notes become
-    ``%`` comments after it, so the file still compiles as is."""
+def text_latex(t: TextTable, caption: str | None = None, label: str = "tab:bdgrid") -> str:
+    """A ``table`` float with caption and label around a booktabs ``tabular`` (for ``\\input``;
+    needs ``\\usepackage{booktabs}``). Notes become ``%`` comments after it, so the file still
+    compiles as is."""
     ns = len(t.stub)
     spec = "l" * ns + "".join(" " + "r" * len(subs) for _, subs in t.groups)
-    lines = [r"\begin{tabular}{" + spec + "}", r"\toprule"]
+    lines = [r"\begin{table}[t]", r"\centering", r"\small",
+             r"\caption{%s}" % (tex_escape(caption) if caption else
+                                 r"Defense results (\%): mean $\pm$ std over seeds; best defense per row in bold."),
+             r"\label{%s}" % label, r"\begin{tabular}{" + spec + "}", r"\toprule"]
     if not (len(t.groups) == 1 and not t.groups[0][0]):
         head, rules, c = ["" for _ in t.stub], [], ns + 1
         for g, subs in t.groups:
@@ -434,7 +444,7 @@ def text_latex(t: TextTable) -> str:
     for labels, cells in t.body:
         txt = [r"\textbf{%s}" % tex_escape(c) if b else tex_escape(c) for c, b in cells]
         lines.append(" & ".join([tex_escape(x) for x in labels] + txt) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     lines += ["% " + n.replace("\n", " ") for n in t.notes]
     return "\n".join(lines) + "\n"
 

@@ -39,7 +39,7 @@ def test_table_markdown(run_dir):
     assert r.exit_code == 0, r.output
     lines = r.stdout.splitlines()
     assert lines[0].startswith("| Attack | No defense ACC |")
-    assert lines[2] == "| BadNets | 92.5 ± 0.7 | 98.0 ± 0.0 | — | 90.0 ± 0.0 | 30.0 ± 0.0 | 80.0 ± 0.0 |"
+    assert lines[2] == "| BadNets | 92.5 ± 0.7 | 98.0 ± 0.0 | 90.0 ± 0.0 | 30.0 ± 0.0 | 80.0 ± 0.0 |"
 
 
 def test_table_latex_to_file_and_csv(run_dir, tmp_path):
@@ -48,7 +48,8 @@ def test_table_latex_to_file_and_csv(run_dir, tmp_path):
                             "--filter", "params.n=0.1", "--output", str(out)])
     assert r.exit_code == 0, r.output
     tex = out.read_text()
-    assert tex.startswith("\\begin{tabular}") and "\\toprule" in tex
+    assert tex.startswith("\\begin{table}") and "\\caption{" in tex and "\\label{tab:bdgrid}" in tex
+    assert "\\begin{tabular}" in tex and "\\toprule" in tex
     assert "BadNets & 91.0 $\\pm$ 0.0 & 40.0 $\\pm$ 0.0" in tex  # only the n=0.1 TSBD rows: 0.92-0.01, 0.6-0.2
     r = runner.invoke(app, ["table", "--out", str(run_dir), "--format", "csv", "--rows", "attack", "--cols", "defense"])
     assert r.exit_code == 0

@@ -62,12 +62,13 @@ def test_pivot_values_by_hand(fixture):
 def test_markdown_table_marks_best_counts_seeds_and_names_missing_cells(fixture):
     md = results.markdown(results.load(fixture), filters={"dataset": ["synthetic"]})
     lines = md.splitlines()
-    assert lines[0] == ("| Attack | No defense ACC | No defense ASR | No defense DER | FT ACC | FT ASR | FT DER "
+    # no "No defense DER" column: DER is not defined without a defense, a column of dashes says nothing
+    assert lines[0] == ("| Attack | No defense ACC | No defense ASR | FT ACC | FT ASR | FT DER "
                         "| TSBD ACC | TSBD ASR | TSBD DER |")
-    assert lines[2] == ("| BadNets | 91.0 ± 1.4 | 96.0 ± 1.4 | — | 87.0 ± 1.4 | 15.0 ± 7.1 | 87.5 ± 3.5 "
+    assert lines[2] == ("| BadNets | 91.0 ± 1.4 | 96.0 ± 1.4 | 87.0 ± 1.4 | 15.0 ± 7.1 | 87.5 ± 3.5 "
                         "| **89.5 ± 0.7** | **3.0 ± 1.4** | **95.5 ± 0.7** |")
     # only one defense with numbers for Blended: nothing to mark best; one seed of two: (n=1)
-    assert lines[3] == "| Blended | 93.0 ± 0.0 | 99.0 ± 0.0 | — | — | — | — | 91.0 (n=1) | 5.0 (n=1) | 97.0 (n=1) |"
+    assert lines[3] == "| Blended | 93.0 ± 0.0 | 99.0 ± 0.0 | — | — | — | 91.0 (n=1) | 5.0 (n=1) | 97.0 (n=1) |"
     assert "no result for: (attack=blended, defense=ft)" in md
     assert "(n=k)" in md
     assert results.paper_table is results.markdown
@@ -152,7 +153,10 @@ def _check_latex(tex: str) -> None:
 def test_latex_is_booktabs_and_parses(fixture):
     tex, _ = render(results.load(fixture), "latex", filters={"dataset": ["synthetic"]})
     _check_latex(tex)
-    assert r"\multicolumn{3}{c}{TSBD}" in tex and r"\cmidrule(lr){2-4}" in tex
+    # No defense has two columns (no DER), FT and TSBD three each: rules 2-3, 4-6, 7-9
+    assert r"\multicolumn{2}{c}{No defense}" in tex and r"\cmidrule(lr){2-3}" in tex
+    assert r"\multicolumn{3}{c}{TSBD}" in tex and r"\cmidrule(lr){7-9}" in tex
+    assert r"\begin{table}" in tex and r"\caption{" in tex and r"\label{tab:bdgrid}" in tex
     assert r"\textbf{3.0 $\pm$ 1.4}" in tex
     assert "91.0 (n=1)" in tex and "---" in tex
     assert "% — no result for: (attack=blended, defense=ft)." in tex
