@@ -26,7 +26,7 @@ from results.tables import DISPLAY, _order, method_names, norm, select
 KINDS = ("acc-asr", "tsbd-n", "curves")
 ONE_COL, TWO_COL = 3.5, 7.0  # inches: NeurIPS/ICML column and text widths
 MARKERS = "osD^vP*Xh<>"
-SKIP_METRICS = ("seconds",)  # per-epoch wall time: logged, but not a curve worth a panel by default
+SKIP_METRICS = ("seconds", "images")  # per-epoch wall time and image count: logged, flat lines as panels
 
 
 def _plt():

@@ -101,7 +101,7 @@ def build(out: str | Path) -> str:
         st = json.loads(state.read_text())
         counts = st.get("counts") or {}
         done = {k: v.get("done", 0) + v.get("cached", 0) for k, v in counts.items()}
-        body.append(f"<p>{st.get('cells', '?')} cells; stages done per kind: "
+        body.append(f"<p>The last driver in this folder: {st.get('cells', '?')} cells; stages done per kind: "
                     + ", ".join(f"{k} {v}/{counts[k].get('total', 0)}" for k, v in done.items())
                     + f"; elapsed {st.get('elapsed_s', 0):.0f} s.</p>")
     if df.empty:
