@@ -50,3 +50,16 @@ def badnets_model():
 @pytest.fixture(scope="session")
 def blended_model():
     return backdoored_model("blended")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray on loopback for one test module (the same `bdgrid run` starts), stopped after it."""
+    import ray
+
+    from grid.run import connect
+
+    started = connect(None, num_cpus=2)
+    yield
+    if started:
+        ray.shutdown()

@@ -51,18 +51,6 @@ def spec(attacks="[badnets, blended]", seeds="[0]", defenses=NONE + FT, n=600) -
     return SPEC.format(attacks=attacks, seeds=seeds, defenses=defenses, n=n)
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from grid.run import connect
-
-    started = connect(None, num_cpus=2)
-    yield
-    if started:
-        ray.shutdown()
-
-
 def run(out: Path, text: str):
     shutil.copy(Path(__file__).parent / "grid_faults.py", out.parent)  # the spec's folder: found as a user's plugin is
     ls, probs = parse_spec(text, "spec.yaml", out.parent)

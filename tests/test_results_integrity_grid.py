@@ -32,18 +32,6 @@ resources:
 """
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from grid.run import connect
-
-    started = connect(None, num_cpus=2)
-    yield
-    if started:
-        ray.shutdown()
-
-
 def run(out: Path):
     ls, probs = parse_spec(SPEC, "spec.yaml", out.parent)
     assert not probs and not validate(ls, 0)

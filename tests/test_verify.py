@@ -2,8 +2,6 @@
 without changing anything; `--repair` sets it aside and recomputes it, with the numbers back."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from typer.testing import CliRunner
 
@@ -19,18 +17,6 @@ defenses: [none, {name: ft, params: {epochs: 1}}]
 recipe: fast
 epochs: 1
 """
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from grid.run import connect
-
-    started = connect(None, num_cpus=2)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def test_verify_reports_damage_without_changing_anything_and_repair_recomputes_it(ray_session, tmp_path):

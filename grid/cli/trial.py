@@ -61,13 +61,7 @@ def trial(
                           "device": res["device"], "config": res["config"], "diagnostics": res["diagnostics"]},
                          default=str))
         return
-    t = Table(title=f"{dataset} / {arch} / {attack} @ {pratio:g} / defense {defense} / seed {seed}")
-    for c in ["", "ACC", "ASR", "RA"]:
-        t.add_column(c, justify="right")
-    t.add_row("no defense", *(f"{100 * res[k]:.2f}" for k in ("bd_acc", "bd_asr", "bd_ra")))
-    if defense != "none":
-        t.add_row(defense, *(f"{100 * res[k]:.2f}" for k in ("acc", "asr", "ra")))
-    console.print(t)
+    print_result(f"{dataset} / {arch} / {attack} @ {pratio:g} / defense {defense} / seed {seed}", res, defense)
     weak = weak_model(res, dataset)
     if weak:
         console.print(f"[yellow]warning[/] {weak}", highlight=False)
@@ -141,12 +135,17 @@ def _imported_trial(record: str, defense: str, params: dict, data_params: dict, 
                           "dataset": res["dataset"], "provenance": res["provenance"],
                           "diagnostics": res["diagnostics"], "wall_s": res["wall_s"]}, default=str))
         return
-    t = Table(title=f"BackdoorBench record {record}: {res['dataset']} / {res['arch']} / defense {defense}")
+    print_result(f"BackdoorBench record {record}: {res['dataset']} / {res['arch']} / defense {defense}", res, defense)
+    if defense != "none":
+        console.print(f"DER {100 * res['der']:.2f}%   ({res['wall_s']:.1f} s on {res['device']})")
+
+
+def print_result(title: str, res: dict, defense: str) -> None:
+    """ACC / ASR / RA before and after the defense, in percent."""
+    t = Table(title=title)
     for c in ["", "ACC", "ASR", "RA"]:
         t.add_column(c, justify="right")
     t.add_row("no defense", *(f"{100 * res[k]:.2f}" for k in ("bd_acc", "bd_asr", "bd_ra")))
     if defense != "none":
         t.add_row(defense, *(f"{100 * res[k]:.2f}" for k in ("acc", "asr", "ra")))
     console.print(t)
-    if defense != "none":
-        console.print(f"DER {100 * res['der']:.2f}%   ({res['wall_s']:.1f} s on {res['device']})")
