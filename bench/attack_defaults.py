@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from _common import machine  # noqa: F401  (puts the repository on sys.path)
+from _common import machine  # also puts the repository on sys.path
 
 import torch
 
@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
     model = TinyCNN(10, 3, width)
     train(model, p.train, replace(RECIPE, epochs=epochs), seed=0, device="cpu", hook=p.hook)
     r = evaluate(model, te, p, torch.arange(len(te)), 0, "cpu")
-    out = {"attack": name, "width": width, "epochs": epochs, "params": params, "acc": round(r["acc"], 4),
+    out = {"machine": machine(), "attack": name, "width": width, "epochs": epochs, "params": params, "acc": round(r["acc"], 4),
            "asr": round(r["asr"], 4), "cpu_s": round(time.process_time() - c0, 1)}
     print(json.dumps(out), flush=True)
     return out
