@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import machine  # noqa: F401  (puts the repository on sys.path)
+from _common import machine  # also puts the repository on sys.path
 
 import torch
 
