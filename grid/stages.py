@@ -303,8 +303,10 @@ def _curve_rows(ident: dict, rows: list[dict], phase_default: str) -> list[dict]
 def _defense_extra(src: dict) -> dict:
     """The defense artifact's diagnostics and warnings, for the rows' ``extra`` JSON (artifacts
     written before warnings were stored have none)."""
-    return {"diagnostics": row_diagnostics(json.loads(src.get("diagnostics") or "{}")),
-            "warnings": json.loads(src.get("warnings") or "[]")}
+    diag = json.loads(src.get("diagnostics") or "{}")
+    # whether the defense changed the model at all, as columns a table can filter on
+    changed = {k: diag[k] for k in ("weights_changed", "neurons_pruned", "chosen_n") if k in diag}
+    return {"diagnostics": row_diagnostics(diag), "warnings": json.loads(src.get("warnings") or "[]"), **changed}
 
 
 def _bd_digest(atk: dict, idx) -> str:

@@ -24,7 +24,8 @@ Version history (the reader upgrades older files, see ``results.reader``):
   method, where ``defense`` is the label), ``recipe``, ``epochs``, ``dataset_params``,
   ``defender_ratio``, ``val_ratio``; ``model_key`` (the backdoored model's artifact) and
   ``defense_key`` (the purified model's: ``bdgrid export-model --key``); ``torch_version``,
-  ``python_version``.
+  ``python_version``; ``weights_changed``, ``neurons_pruned`` (did the defense change the model)
+  and ``chosen_n`` (TSBD's neuron ratio, ``n: auto`` included).
 """
 from __future__ import annotations
 
@@ -83,6 +84,9 @@ PROVENANCE = [
     ("version", pa.string()),  # bdgrid package version (importlib.metadata)
     ("git_commit", pa.string()),  # HEAD of the source checkout, null outside git
     ("spec_hash", pa.string()),  # sha256 of the grid spec that asked for the stage
+    ("weights_changed", pa.int64()),  # parameter elements the defense changed (0: it did nothing)
+    ("neurons_pruned", pa.int64()),  # channels/rows it newly zeroed
+    ("chosen_n", pa.float64()),  # TSBD's neuron ratio as used (n: auto records its choice)
     ("model_key", pa.string()),  # artifact key of the backdoored model (attack stage)
     ("defense_key", pa.string()),  # artifact key of the purified model (defense stage), null for none
     ("torch_version", pa.string()),

@@ -113,6 +113,7 @@ def test_two_attacks_three_defenses_train_two_models_and_rerun_is_a_noop(ray_ses
         "ft", "fast", 1, 0.05, 0.2)
     assert __import__("json").loads(row["dataset_params"])["n_train"] == 600 and row["torch_version"]
     assert row["wall_s"] > 0 and (none["wall_s"] == 0).all()  # each its own stage's time: none has no defense
+    assert row["weights_changed"] > 0 and none["weights_changed"].isna().all()  # fine-tuning moved the weights
     # the purified model of a row, exported as a plain state_dict
     from typer.testing import CliRunner
 
