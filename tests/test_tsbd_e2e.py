@@ -24,19 +24,24 @@ the fixture models trained with 1 torch thread; val ACC/ASR -> test ACC/ASR in %
     seed 1: n 0.2 val 88.5/14.0, 0.3 val 89.0/11.2, n 0.4 (88.5/7.9) -> test 89.6/5.5
     seed 2: n 0.2 val 89.0/13.5, n 0.3 (val 87.0/2.8)              -> test 88.9/5.0
   Blended (before: val 90.5/100, test 93.0/99.0)
-    BLENDED_ROWS
+    seed 0: n 0.2 (val 89.5/2.2)                                  -> test 89.8/2.9
+    seed 1: n 0.2 (val 89.5/2.2)                                  -> test 88.9/2.3
+    seed 2: n 0.2 (val 90.0/6.7)                                  -> test 89.0/5.8
   The same test's fixtures trained with 2 threads (conftest.py) differ: BadNets before 90.6/92.6,
   seed 0 chose n 0.3 (val 89.0/7.3) -> test 93.6/6.7; issue 16's machine: n 0.3, val ASR 9.0,
   test ASR 10.3.
 
-So a single seed's test ASR ranged 5.0 to 10.3 at the chosen n, and the ACC lost at most 3.3
-points. Asserted: the median over 3 seeds of test ASR <= 0.10 (measured medians BLENDED_MEDIANS;
-margin >= 4 points, four times the ~1.1-point binomial SE of a test ASR near 0.1 on ~720 backdoor
-images, and above the 10.3 one seed gave elsewhere), the median ACC drop <= 5 points and every
-seed's <= 8 (measured max 3.3: margin 4.7 points), an n found on at least 2 of 3 seeds (measured
-3 of 3), and the backdoor present before (ASR >= 0.8; measured 92.6 and 98.2 with 2 and 1 threads).
-Cost: per seed Stage 1a (BadNets 40-48 epochs, 18 CPU-s; Blended ~73, 35 CPU-s) and 1-3 Stage-2
-runs of ~14 CPU-s (BadNets) / ~20 (Blended): about 2 CPU-min per attack.
+So a single seed's test ASR ranged 2.3 to 10.3 at the chosen n, and the ACC lost at most 4.1
+points (Blended seed 1). Asserted: the issue's bound (test ASR <= 0.10 and ACC drop <= 5 points)
+on K = 2 of 3 seeds (so the medians are within it; measured 3 of 3 for both attacks, medians ASR
+5.5 / 2.9, drop 2.3 / 4.0 points), and no seed losing more than 8 points (measured max 4.1:
+margin 3.9 points, about 4 binomial SEs of a test ACC difference on 800 images); the backdoor
+present before (ASR >= 0.8; measured 92.6 and 98.2 with 2 and 1 threads). The ACC side of the
+bound is the thin one for Blended (4.0 to 4.1 of 5 on two seeds): the 2-of-3 rule tolerates one
+seed over it. Cost: per seed Stage 1a (BadNets 40-48 epochs, 18 CPU-s; Blended 73-81, 36 CPU-s)
+and 1-3 Stage-2 runs (14 / 18 CPU-s); a third seed only when the first two disagree: about 1.5
+CPU-min for BadNets (seeds 0, 1: n 0.2, then 0.2, 0.3, 0.4) and 1.8 for Blended, against about 1.0
+and 1.2 for the old single-seed test with candidates 0.1, 0.2, 0.3 (1 torch thread).
 """
 from __future__ import annotations
 
