@@ -150,3 +150,43 @@ def test_auto_choice_is_blind_to_the_trigger(badnets_model):
     assert json.dumps(ladder1) == json.dumps(ladder2) and n1 == n2  # bit-identical
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
     assert n1 in (0.1, 0.3, 0.5) and sum(r["chosen"] for r in ladder1) == 1
+
+
+# n: auto on the e2e fixtures: 500 defender images (5% of the default synthetic training set), of
+# which 100 are held out; the reported test split as in tests/test_tsbd_e2e.py. The bound,
+# not loosened: ASR <= 0.10 and at most 5 ACC points lost, on every seed.
+AUTO_SEEDS = (0, 1)
+AUTO_MAX_ASR = 0.10
+AUTO_MAX_DROP = 0.05
+# MEASURED (README, TSBD, "n: auto"; PYTHONPATH=. python tests/measure_tsbd.py auto
+# blended,badnets fixture 0,1 0.2, models trained with 1 thread): BadNets seed 0 chose 0.25 ->
+# test ASR 6.2, 2.1 ACC points lost; BadNets seed 1 chose 0.01 -> ASR 57.9; Blended seed 0 chose
+# 0.05 -> ASR 37.3. On these fixtures (2 threads; pytest ... -k removes --runxfail -s): BadNets
+# seed 0 n 0.3 -> ASR 5.0, seed 1 n 0.1 -> ASR 34.6; Blended seed 0 n 0.3 -> 6.3 ACC points lost,
+# seed 1 n 0.3 -> ASR 0.4, 3.4 points. The held-out drop overstates the test drop (README). So the
+# rule does not meet the bound yet: the test is an expected failure, not run (~2 CPU-min), and says so.
+NOT_YET = pytest.mark.xfail(run=False, reason="n: auto is within the bound on 2 of 4 runs of these fixtures "
+                                              "(BadNets seed 1 ASR 34.6, Blended seed 0 6.3 ACC points lost); README, TSBD")
+
+
+@pytest.mark.slow  # per seed: Stage 1a and about 4 Stage-2 runs on 400 images
+@pytest.mark.parametrize("fixture", [pytest.param("badnets_model", marks=NOT_YET),
+                                     pytest.param("blended_model", marks=NOT_YET)])
+def test_auto_removes_the_backdoor(fixture, request):
+    d = request.getfixturevalue(fixture)
+    model, poisoned, test, cfg = d["model"], d["poisoned"], d["test"], d["cfg"]
+    _, test_idx = val_test_indices(len(test), 0.2, seed=0)
+    before = evaluate(model, test, poisoned, test_idx, cfg.target, "cpu")
+    assert before["asr"] >= 0.9, before
+    asr, drop, chosen = [], [], []
+    for seed in AUTO_SEEDS:
+        clean, _ = defender_subset(d["train"], 0.125, seed)
+        out = run_defense("tsbd", model, clean, {"n": "auto", "un_threshold": 0.2}, DefenseContext(seed=seed))
+        after = evaluate(out.model, test, poisoned, test_idx, cfg.target, "cpu")
+        asr.append(after["asr"])
+        drop.append(before["acc"] - after["acc"])
+        chosen.append(out.diagnostics["chosen_n"])
+        print(f"\n{fixture} seed {seed}: chosen n {chosen[-1]} ladder {out.diagnostics['auto_ladder']} after {after}")
+        assert out.diagnostics["auto_held_out"] == 100 and sum(r["chosen"] for r in out.diagnostics["auto_ladder"]) == 1
+    assert max(asr) <= AUTO_MAX_ASR, (asr, chosen)
+    assert max(drop) <= AUTO_MAX_DROP, (drop, chosen)
