@@ -100,7 +100,10 @@ def _neuron_ratio(df: pd.DataFrame, key: str = "n") -> pd.Series:
         if "params" in df.columns else pd.Series(None, index=df.index)
     if key in df.columns:
         from_params = from_params.where(from_params.notna(), df[key])
-    return pd.to_numeric(from_params, errors="coerce")
+    n = pd.to_numeric(from_params, errors="coerce")
+    if key == "n" and "chosen_n" in df.columns:  # n: auto rows say "auto" in params; the n used is chosen_n
+        n = n.where(n.notna(), pd.to_numeric(df["chosen_n"], errors="coerce"))
+    return n
 
 
 def tsbd_n(df: pd.DataFrame, dest: Path, filters: dict | None = None, split: str = "test",
