@@ -132,11 +132,12 @@ def set_aside_damaged(out_dir: str | Path, tables=("results", "curves", "trials"
 
     Returns (damaged file, where it went or None when it could not be moved). For the grid's
     real (not dry) runs and a ``verify --repair``; plain reading never moves anything."""
-    from results.reader import files
-
     moved = []
     for table in tables:
-        for p in files(out_dir, table):
+        # the reader's listing rule (temporary names start with '.'), not imported: the reader imports us
+        d = Path(out_dir) / table
+        listed = sorted(q for q in d.glob("*.parquet") if not q.name.startswith((".", "_"))) if d.is_dir() else []
+        for p in listed:
             if check_file(p)[0] == DAMAGED:
                 moved.append((p, set_aside(out_dir, p)))
     return moved

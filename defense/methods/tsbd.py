@@ -537,6 +537,10 @@ def _diagnostics(prep: dict, nwc: NWC, counts: dict, ft_curve: list[dict], p: TS
     }
 
 
+# parameter -> the rule that chooses it from clean data when the spec says "auto"
+AUTO_RULES: dict = {}
+
+
 @register_defense("tsbd", params=TSBDParams, prepare=tsbd_prepare, shared=SHARED)
 def defend(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseContext) -> DefenseOutput:
     """TSBD (Lin et al., NeurIPS 2024): NWC-based zero reinitialisation, then activeness-aware
@@ -546,9 +550,9 @@ def defend(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseContext) ->
         raise ValueError(f"prepared NWC is for layer_type {prep['nwc']['layer_type']!r}, params ask {p.layer_type!r}")
     nwc = NWC.from_dict(prep["nwc"], p.nwc_decimals)
     if p.n == "auto":
-        from defense.methods.tsbd_auto import defend_auto  # late: tsbd_auto builds on this module
-
-        return defend_auto(model, clean, p, ctx, prep, nwc)
+        # the rule registers itself here (defense/methods/tsbd_auto.py, imported with this package),
+        # so this module does not import the one that builds on it
+        return AUTO_RULES["n"](model, clean, p, ctx, prep, nwc)
     purified, counts, ft_curve = purify_with(model, split_holdout(clean, p.holdout, ctx.seed)[0], nwc, p, ctx)
     diag = _diagnostics(prep, nwc, counts, ft_curve, p)
     diag["chosen_n"] = float(p.n)

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from defense.data import Data
 from defense.methods import DefenseContext, DefenseOutput
-from defense.methods.tsbd import NWC, TSBDParams, _diagnostics, purify_with, split_holdout
+from defense.methods.tsbd import AUTO_RULES, NWC, TSBDParams, _diagnostics, purify_with, split_holdout
 from defense.metrics import predict
 
 
@@ -122,3 +122,6 @@ def defend_auto(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseContex
     diag.update({"chosen_n": chosen, "auto_ladder": sorted(rungs, key=lambda r: r["n"]),
                  "auto_within_budget": bool(kept), "auto_held_out": len(held), "nwc_knee_n": nwc_knee(nwc)})
     return DefenseOutput(net, diag, prep["curve"] + curve)
+
+
+AUTO_RULES["n"] = defend_auto  # TSBD's defend() calls it for n: auto

@@ -32,31 +32,18 @@ def tune(
     grid's own stages (models, resources and shared prepare stages are reused). A rerun resumes
     the study; the chosen parameters go to <out>/tune/<study>/best.yaml."""
     from grid.run import execute_plan, open_runner
-    from grid.tune.driver import Tuning, choose, report_evals, run_study, tune_plan
+    from grid.tune.driver import choose, report_evals, run_study, tune_plan
     from grid.tune.plots import write_plots
     from grid.tune.study import counts
 
-    ls = load_spec_or_exit(spec_file, None)
-    if ls.spec.tune is None:
-        fail(f"{spec_file} has no tune: block; `bdgrid tune` needs one (see examples/tune-quickstart.yaml), "
-             f"`bdgrid run` runs a plain grid")
-    updates = {k: v for k, v in (("storage", storage), ("n_trials", n_trials)) if v is not None}
-    if updates:
-        ls.spec = ls.spec.model_copy(update={"tune": ls.spec.tune.model_copy(update=updates)})
-    tu = Tuning(ls, out_dir(ls, out).resolve())
+    tu = _tuning(spec_file, out, storage, n_trials)
+    ls = tu.ls
     if check:
         console.print(f"[green]ok[/]: {spec_file}: tune {ls.spec.tune.defense} on {len(tu.cells())} cell(s), "
                       f"{len(ls.spec.tune.space)} parameter(s), {ls.spec.tune.n_trials} trials, storage {tu.storage}")
         return
     say = (lambda m: err.print(m, highlight=False)) if as_json else (lambda m: console.print(m, highlight=False))
     summary: dict = {"study": tu.study_name, "storage": tu.storage}
-    from grid.run import ensure_writable
-    from results.writer import WriteError
-
-    try:
-        ensure_writable(tu.out)
-    except WriteError as e:
-        fail(f"{e}; choose a writable --out", 1)
     started = False
     try:
         if not report or evaluate:
@@ -95,6 +82,27 @@ def tune(
         print(json.dumps(summary, default=str))
         return
     _print(summary, doc, ls.spec.tune.defense, evaluate)
+
+
+def _tuning(spec_file: str, out: str | None, storage: str | None, n_trials: int | None):
+    """The validated spec with its command-line overrides, as a Tuning whose folder is writable."""
+    from grid.run import ensure_writable
+    from grid.tune.driver import Tuning
+    from results.writer import WriteError
+
+    ls = load_spec_or_exit(spec_file, None)
+    if ls.spec.tune is None:
+        fail(f"{spec_file} has no tune: block; `bdgrid tune` needs one (see examples/tune-quickstart.yaml), "
+             f"`bdgrid run` runs a plain grid")
+    updates = {k: v for k, v in (("storage", storage), ("n_trials", n_trials)) if v is not None}
+    if updates:
+        ls.spec = ls.spec.model_copy(update={"tune": ls.spec.tune.model_copy(update=updates)})
+    tu = Tuning(ls, out_dir(ls, out).resolve())
+    try:
+        ensure_writable(tu.out)
+    except WriteError as e:
+        fail(f"{e}; choose a writable --out", 1)
+    return tu
 
 
 def _print(summary: dict, doc: dict, defense: str, evaluate: bool) -> None:
