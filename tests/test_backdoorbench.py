@@ -18,7 +18,7 @@ import backdoorbench_record as bbr  # noqa: E402
 from defense.external.backdoorbench import (  # noqa: E402
     evaluate_record, export_defense_result, export_record, load_defense_result, load_record, record_key)
 from defense.external.checkpoints import load_checkpoint  # noqa: E402
-from defense.external.safe_load import RecordProblem  # noqa: E402
+from defense.external.safe_load import RecordProblem, safe_torch_load  # noqa: E402
 from defense.models import create_model  # noqa: E402
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)  # BackdoorBench's CIFAR-10 values
@@ -32,7 +32,7 @@ def records(tmp_path_factory):
 def direct_predictions(record: Path, images: np.ndarray) -> np.ndarray:
     """What BackdoorBench's evaluation does, written out: its PreActResNet18 weights (module.
     stripped), ToTensor + Normalize with the CIFAR-10 mean/std, argmax."""
-    rec = torch.load(record / "attack_result.pt", weights_only=False)  # our own test file: trusted
+    rec = safe_torch_load(record / "attack_result.pt")
     sd = {k.removeprefix("module."): v for k, v in rec["model"].items()}
     model = create_model("preact_resnet18")
     model.load_state_dict(sd)
@@ -91,7 +91,7 @@ def test_a_record_whose_pickle_would_run_code_is_refused(records, tmp_path):
     rec_dir = tmp_path / "record" / "evil"
     rec_dir.mkdir(parents=True)
     marker = tmp_path / "pwned"
-    good = torch.load(records["badnet"] / "attack_result.pt", weights_only=False)
+    good = safe_torch_load(records["badnet"] / "attack_result.pt")
     torch.save({**good, "bd_test": _RunsCode(marker)}, rec_dir / "attack_result.pt")
     with pytest.raises(RecordProblem) as e:
         load_record(rec_dir, records["data_root"], {"download": False})
@@ -103,7 +103,7 @@ def test_a_record_whose_pickle_would_run_code_is_refused(records, tmp_path):
 def test_unknown_model_name_is_a_clear_problem(records, tmp_path):
     rec_dir = tmp_path / "record" / "resnext"
     rec_dir.mkdir(parents=True)
-    good = torch.load(records["badnet"] / "attack_result.pt", weights_only=False)
+    good = safe_torch_load(records["badnet"] / "attack_result.pt")
     torch.save({**good, "model_name": "resnext29"}, rec_dir / "attack_result.pt")
     with pytest.raises(RecordProblem, match=r"model_name 'resnext29' has no bdgrid architecture") as e:
         load_record(rec_dir, records["data_root"], {"download": False})
@@ -129,7 +129,7 @@ def test_round_trip_keeps_acc_asr_ra(badnets_model, tmp_path):
                              attack=cfg.attack, pratio=cfg.pratio, target=cfg.target, seed=cfg.seed,
                              dataset_params=cfg.dataset_params, bd_train=bd_train, n_train=len(d["train"]))
     # BackdoorBench's layout: the dict save_attack_result writes, the poisoned training images as PNGs
-    rec = torch.load(dest / "attack_result.pt", weights_only=False)
+    rec = safe_torch_load(dest / "attack_result.pt")  # what we write loads with weights_only=True
     assert set(rec) >= {"model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train",
                         "bd_test"}
     tr = rec["bd_train"]
@@ -298,7 +298,7 @@ def test_torchvision_model_names_import_as_backdoorbench_builds_them(records, tm
     rec_dir.mkdir(parents=True)
     torch.manual_seed(3)
     tv = torchvision.models.resnet18(num_classes=10).eval()
-    good = torch.load(records["badnet"] / "attack_result.pt", weights_only=False)
+    good = safe_torch_load(records["badnet"] / "attack_result.pt")
     torch.save({**good, "model_name": "resnet18", "model": tv.state_dict()}, rec_dir / "attack_result.pt")
     import shutil
 
