@@ -61,6 +61,26 @@ def bad_file(path: Path | str, expected: str, found: str) -> DatasetFileError:
     return DatasetFileError(f"bad dataset file {path}: expected {expected}; found {found}")
 
 
+def read_rgb(path: Path, size: int, kind: str, listed_by: str, box: tuple | None = None) -> np.ndarray:
+    """One image file as uint8 (3, size, size): RGB (greyscale JPEGs too), cropped to ``box`` when
+    given, resized with PIL bilinear (what BackdoorBench's ``transforms.Resize`` does on PIL images;
+    PIL returns an image already of that size unchanged). A missing or unreadable file is one
+    ``DatasetFileError`` naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if box is not None:
+                im = im.crop(box)
+            im = im.resize((size, size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+    except FileNotFoundError:
+        raise bad_file(path, f"the image {listed_by} lists", "no such file") from None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, "image file is truncated"
+        raise bad_file(path, f"a readable {kind} image", f"{type(e).__name__}: {e}") from None
+
+
 def check_labels(y: np.ndarray, num_classes: int, path: Path | str) -> np.ndarray:
     """``y`` as int64 class labels, or ``DatasetFileError`` naming ``path`` and the first label
     outside 0..num_classes-1 (a CIFAR label 200 must not reach training)."""

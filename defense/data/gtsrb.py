@@ -15,7 +15,7 @@ import numpy as np
 
 from defense.data import DatasetInfo, register_dataset
 from defense.data.files import (Arrays, DatasetMissing, FileParams, Source, bad_file, check_labels, load_source,
-                                pool_map, register_source)
+                                pool_map, read_rgb, register_source)
 
 GTSRB = DatasetInfo("gtsrb", 43, 3, 32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), flip=False, pad=4)
 
@@ -57,21 +57,8 @@ def _read_gt_csv(path: Path) -> list[dict]:
 
 
 def _gtsrb_image(item: tuple[Path, tuple[int, int, int, int] | None]) -> np.ndarray:
-    from PIL import Image
-
     path, box = item
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if box is not None:
-                im = im.crop(box)
-            # PIL bilinear: what BackdoorBench's transforms.Resize((32, 32)) does on PIL images
-            im = im.resize((GTSRB.size, GTSRB.size), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
-    except FileNotFoundError:
-        raise bad_file(path, "the image its annotation CSV lists", "no such file") from None
-    except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, "image file is truncated"
-        raise bad_file(path, "a readable PPM image", f"{type(e).__name__}: {e}") from None
+    return read_rgb(path, GTSRB.size, "PPM", "its annotation CSV", box)
 
 
 def _gtsrb_rows(rows: list[dict], folder: Path, roi: bool, path: Path) -> tuple[list, list[int]]:

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from defense.data import DatasetInfo, register_dataset
-from defense.data.files import (Arrays, FileParams, Source, bad_file, load_source, pool_map, register_source,
-                                tv_archive)
+from defense.data.files import (Arrays, FileParams, Source, bad_file, load_source, pool_map, read_rgb,
+                                register_source, tv_archive)
 
 TINY = DatasetInfo("tiny-imagenet", 200, 3, 64, (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262), flip=False, pad=4)
 
@@ -28,18 +28,7 @@ def _tiny_find(root: Path):
 
 
 def _tiny_image(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")  # a few Tiny-ImageNet JPEGs are greyscale
-            if im.size != (TINY.size, TINY.size):
-                im = im.resize((TINY.size, TINY.size), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
-    except FileNotFoundError:
-        raise bad_file(path, "the image val_annotations.txt lists", "no such file") from None
-    except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, "image file is truncated"
-        raise bad_file(path, "a readable JPEG image", f"{type(e).__name__}: {e}") from None
+    return read_rgb(path, TINY.size, "JPEG", "val_annotations.txt")  # a few Tiny-ImageNet JPEGs are greyscale
 
 
 def _tiny_decode(d: Path, p: FileParams) -> Arrays:
