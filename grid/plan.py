@@ -66,16 +66,27 @@ class Plan:
     spec_hash: str
     resources: Any = None  # the spec's per-kind Ray resources (for stages added later)
     cell_stages: dict = field(default_factory=dict)  # Cell -> CellStages
+    _kids: dict = field(default_factory=dict, repr=False)  # key -> children, grown with the plan
 
     def of_kind(self, kind: str) -> list[Stage]:
         return [s for s in self.stages.values() if s.kind == kind]
 
     def children(self) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {k: [] for k in self.stages}
-        for s in self.stages.values():
-            for p in s.parents:
-                out[p].append(s.key)
-        return out
+        """key -> the keys of its children. Kept up to date as stages are added (the runner asks
+        on every poll, and a tune adds stages while it runs), so only new stages are indexed."""
+        if len(self._kids) != len(self.stages):
+            for k, s in self.stages.items():  # parents come before children in this order
+                if k not in self._kids:
+                    self._kids[k] = []
+                    for p in s.parents:
+                        self._kids[p].append(k)
+        return self._kids
+
+    def only(self, evals: list[str]) -> "Plan":
+        """The plan of just what the eval stages ``evals`` need."""
+        keep = ancestors(self, evals)
+        return Plan({k: s for k, s in self.stages.items() if k in keep}, self.cells, self.grid, self.spec_hash,
+                    self.resources, dict(self.cell_stages))
 
     def counts(self) -> dict[str, int]:
         return {k: len(self.of_kind(k)) for k in STAGE_KINDS}
@@ -88,6 +99,17 @@ class Plan:
             self.stages[key] = Stage(kind, key, config, parents, run or {}, info or {},
                                      r.cpus if r else 1.0, r.gpus if r else 0.0)
         return self.stages[key]
+
+
+def ancestors(plan: Plan, keys) -> set[str]:
+    """``keys`` and every stage they depend on."""
+    out, stack = set(), list(keys)
+    while stack:
+        k = stack.pop()
+        if k not in out:
+            out.add(k)
+            stack.extend(plan.stages[k].parents)
+    return out
 
 
 def stage_key(kind: str, config: dict, parents: tuple[str, ...]) -> str:

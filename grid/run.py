@@ -29,7 +29,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from grid.plan import Plan, Stage, build_plan
+from grid.plan import Plan, Stage, ancestors, build_plan
 from grid.plugins import import_plugins
 from grid.spec import STAGE_KINDS, LoadedSpec
 from grid.status import write_state
@@ -56,28 +56,27 @@ class RunResult:
 
 # ----------------------------------------------------------------------------- what is done
 
-def done_evals(out: Path) -> dict[str, set]:
-    """{eval key: splits whose rows are in ``<out>/results``}."""
-    import results
+def done_evals(out: Path, moved: list | None = None) -> dict[str, set]:
+    """{eval key: splits whose intact rows are in ``<out>/results``}. Damaged files (checksum,
+    invariants) count as not done; with ``moved`` (a real run, holding the folder's lock) they
+    are also set aside into ``<out>/damaged/`` in the same read, and listed in ``moved``."""
+    from results.reader import load_checked, say
 
-    df = results.load(out, extra=False)
-    if df.empty or "key" not in df.columns:
-        return {}
-    return {k: set(g) for k, g in df.groupby("key")["split"]}
+    tbl, report = load_checked(out)
+    say(report)
+    if moved is not None:
+        from results.writer import set_aside
+
+        moved += [(p, set_aside(out, p)) for p, _ in report.damaged if p.exists()]
+    have: dict[str, set] = {}
+    if tbl.num_rows:
+        for k, split in zip(tbl.column("key").to_pylist(), tbl.column("split").to_pylist()):
+            have.setdefault(k, set()).add(split)
+    return have
 
 
 def eval_done(stage: Stage, have: dict[str, set]) -> bool:
     return set(stage.config.get("splits", ("test", "val"))) <= have.get(stage.key, set())
-
-
-def ancestors(plan: Plan, keys) -> set[str]:
-    out, stack = set(), list(keys)
-    while stack:
-        k = stack.pop()
-        if k not in out:
-            out.add(k)
-            stack.extend(plan.stages[k].parents)
-    return out
 
 
 def needed_stages(plan: Plan, store: ArtifactStore, out: Path, targets=None, have: dict | None = None,
@@ -350,7 +349,8 @@ class Runner:
         ls = self.ls
         self.res = RunResult(plan, self.out)
         self.t0 = time.time()
-        self.have = done_evals(self.out)
+        self.moved: list = []  # damaged result files set aside while reading what is done
+        self.have = done_evals(self.out, self.moved)
         self.verified: set = set()
         self.need: set = set()
         self.rows: dict = {}
@@ -565,13 +565,7 @@ def open_runner(ls: LoadedSpec, out: str | Path, plan: Plan, *, artifacts: str |
     """A Runner on the connected Ray cluster (see ``connect``) for ``plan``, writing under ``out``."""
     from results.writer import clean_stale_tmp, set_aside_damaged
 
-    from results.writer import WriteError
-
-    out = Path(out).resolve()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a read-only or full disk: one message before Ray does any work
-        raise WriteError.of(out, e) from None
+    out = ensure_writable(out)  # a read-only or full disk: one message before Ray does any work
     import_plugins(ls.spec.imports, [str(ls.base_dir.resolve())])  # validation reported any failure
     store = ArtifactStore(artifact_root(ls, out, artifacts))
     runner = Runner(ls, plan, out, store, show_progress=show_progress, console=console)
@@ -581,7 +575,8 @@ def open_runner(ls: LoadedSpec, out: str | Path, plan: Plan, *, artifacts: str |
     clean_stale_tmp(out)
     if "://" not in store.uri:
         clean_stale_tmp(store.uri)
-    for path, moved in set_aside_damaged(out):
+    # the runner's own read set the damaged result files aside; the curves and trials tables here
+    for path, moved in runner.moved + set_aside_damaged(out, tables=("curves", "trials")):
         runner.console.print(f"[yellow]damaged[/] {path}: set aside in {moved}; its stage will be recomputed",
                              highlight=False)
     return runner

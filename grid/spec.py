@@ -464,7 +464,8 @@ def defense_configs(ls: LoadedSpec) -> list[DefenseConfig]:
     return out
 
 
-def _matches(entry: dict, spec: GridSpec, cell: Cell, defense: DefenseConfig | None = None) -> bool:
+def cell_matches(entry: dict, spec: GridSpec, cell: Cell, defense: DefenseConfig | None = None) -> bool:
+    """Does an include/exclude entry or a tune_on/report_on filter select this cell (and defense)?"""
     for k, v in entry.items():
         if k == "dataset" and spec.datasets[cell.dataset].name != v:
             return False
@@ -504,8 +505,8 @@ def expand(ls: LoadedSpec) -> list[tuple[Cell, list[DefenseConfig]]]:
     defs = defense_configs(ls)
     out = []
     for c in cells:
-        if any(set(e) <= set(CELL_AXES) and _matches(e, s, c) for e in s.exclude):
+        if any(set(e) <= set(CELL_AXES) and cell_matches(e, s, c) for e in s.exclude):
             continue
-        keep = [d for d in defs if not any("defense" in e and _matches(e, s, c, d) for e in s.exclude)]
+        keep = [d for d in defs if not any("defense" in e and cell_matches(e, s, c, d) for e in s.exclude)]
         out.append((c, keep))
     return out

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from grid.plugins import import_plugins
-from grid.spec import CELL_AXES, STAGE_KINDS, LoadedSpec, Problem, canon, defense_configs, expand, line_of, read_params_from
+from grid.spec import (CELL_AXES, STAGE_KINDS, LoadedSpec, Problem, canon, cell_matches, defense_configs, expand, line_of,
+                       read_params_from)
 
 # URI schemes pyarrow.fs.FileSystem.from_uri understands (checked by name only: resolving an
 # s3:// URI would contact the cloud at validation time).
@@ -462,19 +463,5 @@ def _check_tune_cells(ls: LoadedSpec, add) -> None:
                     cells = expand(ls)
                 except Exception:  # noqa: BLE001 - a grid part with problems: reported on its own
                     return
-            if not any(cell_matches(ls, c, f) for c, _ in cells):
+            if not any(cell_matches(f, ls.spec, c) for c, _ in cells):
                 add(T + (which, i), f"{f} matches no cell of the grid")
-
-
-def cell_matches(ls: LoadedSpec, cell, f: dict) -> bool:
-    """A tune_on/report_on filter against a grid cell (dataset and attack by name)."""
-    s = ls.spec
-    have = {"dataset": s.datasets[cell.dataset].name, "arch": cell.arch, "attack": s.attacks[cell.attack].name,
-            "pratio": cell.pratio, "seed": cell.seed}
-    for k, v in f.items():
-        if k == "pratio":
-            if not isinstance(v, (int, float)) or abs(have[k] - float(v)) > 1e-12:
-                return False
-        elif have[k] != v:
-            return False
-    return True

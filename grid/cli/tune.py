@@ -70,7 +70,7 @@ def tune(
             plan = tune_plan(tu)
             sets = {"default": dict(ls.spec.tune.params), "tuned": doc["params"]}
             evals = report_evals(tu, plan, sets)
-            execute_plan(ls, tu.out, artifacts=artifacts, plan=_only(plan, [k for _, _, k in evals]),
+            execute_plan(ls, tu.out, artifacts=artifacts, plan=plan.only([k for _, _, k in evals]),
                          show_progress=not (quiet or as_json), console=err if as_json else console)
             summary["evaluation"] = _evaluation(tu.out, evals)
     finally:
@@ -122,15 +122,6 @@ def _print(summary: dict, doc: dict, defense: str, evaluate: bool) -> None:
             t.add_row(r["cell"], r["params_set"], "yes" if r["tuned_here"] else "no",
                       *(f"{100 * r[k]:.2f}" for k in ("acc", "asr", "ra", "der", "bd_acc", "bd_asr")))
         console.print(t)
-
-
-def _only(plan, evals: list[str]):
-    """``plan`` with only the stages the given evals need (the report runs nothing else)."""
-    from grid.run import ancestors
-
-    keep = ancestors(plan, evals)
-    plan.stages = {k: s for k, s in plan.stages.items() if k in keep}
-    return plan
 
 
 def _evaluation(out, evals) -> list[dict]:

@@ -19,11 +19,11 @@ Sources: Optuna ask/tell interface (optuna.readthedocs.io, "Ask-and-Tell Interfa
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from grid.plan import Plan, add_defense, build_plan
+from grid.plan import Plan, add_cell, add_defense, ancestors, build_plan
 from grid.spec import LoadedSpec, expand
 from grid.tune.choose import best_doc, trial_stats, write_best
 from grid.tune.space import distribution
@@ -39,6 +39,7 @@ class Tuning:
 
     ls: LoadedSpec
     out: Path
+    _cells: dict = field(default_factory=dict, repr=False)
 
     @property
     def t(self):
@@ -57,11 +58,14 @@ class Tuning:
         return self.t.storage or str(self.dir / "optuna.journal")
 
     def cells(self, which: str = "tune_on") -> list:
-        """The grid's (cell, defenses) pairs that ``which``'s filters select, in grid order."""
-        from grid.validate import cell_matches
+        """The grid's (cell, defenses) pairs that ``which``'s filters select, in grid order
+        (expanded once: trial rows and labels ask for them on every trial)."""
+        from grid.spec import cell_matches
 
-        return [(c, d) for c, d in expand(self.ls)
-                if any(cell_matches(self.ls, c, f) for f in getattr(self.t, which))]
+        if which not in self._cells:
+            self._cells[which] = [(c, d) for c, d in expand(self.ls)
+                                  if any(cell_matches(f, self.ls.spec, c) for f in getattr(self.t, which))]
+        return self._cells[which]
 
     def label(self, cell) -> str:
         s = self.ls.spec
@@ -175,8 +179,6 @@ def run_study(tu: Tuning, runner, plan: Plan, say: Callable[[str], None] = print
 
 
 def _failed_parent(runner, plan: Plan, key: str) -> str:
-    from grid.run import ancestors
-
     for k in ancestors(plan, [key]):
         if k in runner.res.failed:
             return f"{plan.stages[k].kind} stage failed: {runner.res.failed[k]}"
@@ -239,19 +241,13 @@ def report_evals(tu: Tuning, plan: Plan, params_sets: dict[str, dict]) -> list[t
     tuned = {c for c, _ in tu.cells("tune_on")}
     for which in ("tune_on", "report_on"):
         for cell, _ in tu.cells(which):
-            cs = plan.cell_stages.get(cell) or _add_cell(tu, plan, cell)
+            cs = add_cell(plan, tu.ls, cell)  # the cell's stages, added once
             for name, params in params_sets.items():
                 info = {"tuned_on": tu.attacks_tuned_on() if name != "default" else None, "params_set": name,
                         "tuned_here": cell in tuned}
                 ev = add_defense(plan, tu.ls, cs, tu.t.defense, params, f"{tu.t.defense} ({name})", info=info)
                 out.append((name, tu.label(cell), ev.key))
     return out
-
-
-def _add_cell(tu: Tuning, plan: Plan, cell):
-    from grid.plan import add_cell
-
-    return add_cell(plan, tu.ls, cell)
 
 
 def tune_plan(tu: Tuning) -> Plan:
