@@ -546,7 +546,17 @@ def ensure_writable(out: str | Path) -> Path:
     return out
 
 
-def save_spec(ls: LoadedSpec, out: Path) -> None:
+def run_artifact_root(out: str | Path) -> str:
+    """The artifact root a run folder's last driver used (``<out>/spec.yaml``), else ``<out>/artifacts``:
+    for the commands that work on a finished run (verify, export-model)."""
+    import yaml
+
+    meta = Path(out) / "spec.yaml"
+    doc = (yaml.safe_load(meta.read_text()) or {}) if meta.exists() else {}
+    return doc.get("artifacts") or str((Path(out) / "artifacts").resolve())
+
+
+def save_spec(ls: LoadedSpec, out: Path, artifacts: str | None = None) -> None:
     """``<out>/spec.yaml``: the spec as resolved (every default filled in) with its hash and source
     file, so a run folder says what produced it; ``<out>/spec.source.yaml``: the file as written."""
     import yaml
@@ -554,7 +564,7 @@ def save_spec(ls: LoadedSpec, out: Path) -> None:
     from results.writer import atomic_write
 
     doc = {"spec_hash": ls.hash, "source": str(Path(ls.file).resolve()) if ls.file else None,
-           "spec": ls.spec.model_dump(mode="json")}
+           "artifacts": artifacts, "spec": ls.spec.model_dump(mode="json")}
     atomic_write(out / "spec.yaml", yaml.safe_dump(doc, sort_keys=False).encode())
     if ls.text:
         atomic_write(out / "spec.source.yaml", ls.text.encode())
@@ -569,7 +579,7 @@ def open_runner(ls: LoadedSpec, out: str | Path, plan: Plan, *, artifacts: str |
     import_plugins(ls.spec.imports, [str(ls.base_dir.resolve())])  # validation reported any failure
     store = ArtifactStore(artifact_root(ls, out, artifacts))
     runner = Runner(ls, plan, out, store, show_progress=show_progress, console=console)
-    save_spec(ls, out)
+    save_spec(ls, out, store.uri)
     # the driver holds the folder now: what a crash left (temporary files of dead processes,
     # result files that fail their checksum) is cleared before anything is read or written
     clean_stale_tmp(out)

@@ -34,15 +34,16 @@ def _img(path: Path, alt: str) -> str:
            f'{html.escape(alt)}</figcaption></figure>'
 
 
-def _figures(out: Path, tmp: Path) -> list[str]:
-    from results.plots import NothingToPlot, plot
+def _figures(out: Path, df: pd.DataFrame, tmp: Path) -> list[str]:
+    """The figures from the rows already read (only the curves table is read here)."""
+    from results.plots import NothingToPlot, acc_asr, curves, tsbd_n
 
     parts = []
-    for kind, caption in (("acc-asr", "Clean accuracy against attack success rate (mean ± std over seeds)"),
-                          ("tsbd-n", "TSBD: ACC and ASR against the neuron ratio n"),
-                          ("curves", "Training, unlearning and fine-tuning curves")):
+    for draw, caption in ((lambda d: acc_asr(df, d), "Clean accuracy against attack success rate (mean ± std over seeds)"),
+                          (lambda d: tsbd_n(df, d), "TSBD: ACC and ASR against the neuron ratio n"),
+                          (lambda d: curves(load(out, table="curves"), d), "Training, unlearning and fine-tuning curves")):
         try:
-            paths = plot(out, kind, dest=tmp / kind)
+            paths = draw(tmp / str(len(parts)))
         except (NothingToPlot, ValueError, KeyError):
             continue  # nothing of that kind in this run (e.g. no TSBD sweep)
         png = next((p for p in paths if p.suffix == ".png"), None)
@@ -111,7 +112,7 @@ def build(out: str | Path) -> str:
             text, _ = render(df, "html", metrics=metrics, failures=failures)
             body.append(f"<h2>{e(title)}</h2><div class='wide'>{text}</div>")
     with tempfile.TemporaryDirectory() as tmp:
-        figs = _figures(out, Path(tmp)) if not df.empty else []
+        figs = _figures(out, df, Path(tmp)) if not df.empty else []
     body.append("<h2>Figures</h2>" + ("".join(figs) or "<p>No figures: nothing to plot yet.</p>"))
     body.append("<h2>Failures</h2>" + ("".join(
         f'<p class="fail">{e(f.get("stage", ""))}: {e(f.get("error", ""))}<br><code>{e(f.get("file", ""))}</code></p>'
@@ -141,4 +142,4 @@ def write(out: str | Path, dest: str | Path | None = None) -> Path:
     return dest
 
 
-__all__ = ["build", "write", "load"]
+__all__ = ["build", "write"]

@@ -21,14 +21,10 @@ def export_model(
 ):
     """Write a backdoored or purified model as a plain state_dict, or in BackdoorBench's layout."""
     import torch
-    import yaml
-
+    from grid.run import run_artifact_root
     from grid.store import ArtifactStore, CorruptArtifact
 
-    if artifacts is None:
-        saved = out / "spec.yaml"
-        spec = (yaml.safe_load(saved.read_text()) or {}).get("spec", {}) if saved.exists() else {}
-        artifacts = spec.get("artifacts") or str((out / "artifacts").resolve())
+    artifacts = artifacts or run_artifact_root(out)
     store = ArtifactStore(artifacts)
     for kind in ("defense", "attack"):
         if store.exists(kind, key):

@@ -139,18 +139,13 @@ def verify_cmd(
 ):
     """Check every artifact and result file of a run (checksums, the safe loader, row invariants);
     exit 1 if anything is damaged. Without --repair nothing changes."""
-    import yaml
-
-    from grid.run import execute_plan
+    from grid.run import execute_plan, run_artifact_root
     from grid.store import ArtifactStore
     from grid.verify import check, saved_spec, set_aside
 
     if not out.is_dir():
         fail(f"no run folder {out}")
-    if artifacts is None:
-        meta = out / "spec.yaml"
-        spec = (yaml.safe_load(meta.read_text()) or {}).get("spec", {}) if meta.exists() else {}
-        artifacts = spec.get("artifacts") or str((out / "artifacts").resolve())
+    artifacts = artifacts or run_artifact_root(out)
     store = ArtifactStore(artifacts)
     f = check(out, store)
     console.print(f"checked {f.artifacts_checked} artifact(s) in {artifacts} and {f.results_checked} result file(s) "
