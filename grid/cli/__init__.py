@@ -19,7 +19,15 @@ from results.results_cli import plot, report, table
 
 app = typer.Typer(help="bdgrid: attack-by-defense experiment grids for backdoor-defense research.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  rich_markup_mode=None)  # plain click help: "--out TEXT", no <type> tags or boxes
+                  rich_markup_mode=None)  # plain click help, no boxes
+
+# Typer writes every value's type into help ("--out <str>"); the convention of argparse and most
+# Unix tools is a placeholder that says what the value is ("--out DIR", "--param KEY=VALUE").
+# Options without an explicit metavar get one here, from this table or their own name.
+_METAVARS = {"out": "DIR", "dest": "DIR", "resources": "DIR", "data_root": "DIR", "output": "FILE",
+             "artifacts": "URI", "storage": "URI", "address": "ADDRESS", "param": "KEY=VALUE",
+             "attack_param": "KEY=VALUE", "data_param": "KEY=VALUE", "filter_": "COLUMN=VALUE",
+             "spec_file": "SPEC"}
 
 
 def _version(value: bool) -> None:
@@ -57,8 +65,28 @@ app.add_typer(attacks.attacks_app, name="attacks")
 app.add_typer(defenses.defenses_app, name="defenses")
 
 
+def _name_metavars(cmd) -> None:
+    import click
+
+    for p in cmd.params:
+        if p.metavar is None and not (isinstance(p, click.Option) and p.is_flag):
+            p.metavar = _METAVARS.get(p.name, p.name.strip("_").upper())
+        if p.param_type_name == "argument":  # typer prints "SPEC <str>" for arguments even with a metavar
+            p.display_type_rich = lambda ctx: None
+    for sub in getattr(cmd, "commands", {}).values():
+        _name_metavars(sub)
+
+
+def command():
+    """The click command behind ``bdgrid`` (what the console script runs), with every value's
+    placeholder named for what it is rather than its Python type."""
+    cmd = typer.main.get_command(app)
+    _name_metavars(cmd)
+    return cmd
+
+
 def main():  # pragma: no cover
-    app()
+    command()(prog_name="bdgrid")
 
 
 if __name__ == "__main__":  # pragma: no cover
