@@ -97,14 +97,19 @@ def validate(ls: LoadedSpec, gpus_available: float | None = None) -> list[Proble
     if s.tune is not None:
         _check_tune(ls, add)
 
-    # the grid after include/exclude must not be empty, and every exclude must match something
+    # the grid after include/exclude must not be empty, every exclude must match something and
+    # every include must add something (an include of cells the product already has is a typo or a
+    # misunderstanding of include, and silently changes nothing)
     if not problems:
         cells = expand(ls)
         if not cells:
             add(("exclude",), "exclude removes every cell; the grid is empty")
-        for i, entry in enumerate(s.exclude):
-            if not _exclude_hits(ls, entry):
-                add(("exclude", i), f"exclude entry {entry} matches no cell of the grid (a typo?)")
+        for which, what in (("exclude", "matches no cell of the grid"),
+                            ("include", "adds no cell: the grid has every cell it names already, or an "
+                                        "exclude removes them")):
+            for i, entry in enumerate(getattr(s, which)):
+                if not _entry_changes(ls, which, entry):
+                    add((which, i), f"{which} entry {entry} {what} (a typo?)")
     return problems
 
 
@@ -306,12 +311,12 @@ def _unknown(reg, name) -> str:
     return ""
 
 
-def _exclude_hits(ls: LoadedSpec, entry: dict) -> bool:
+def _entry_changes(ls: LoadedSpec, which: str, entry: dict) -> bool:
     from grid.spec import GridSpec, expand
 
-    # an exclude entry matches something iff dropping it changes the expansion
+    # an include/exclude entry does something iff dropping it changes the expansion
     data = ls.spec.model_dump()
-    data["exclude"] = [e for e in ls.spec.exclude if e is not entry]
+    data[which] = [e for e in getattr(ls.spec, which) if e is not entry]
     other = LoadedSpec(GridSpec.model_validate(data), ls.lines, ls.file, ls.base_dir, ls.text)
     with_it, without = expand(ls), expand(other)
     return sum(len(d) + 1 for _, d in with_it) != sum(len(d) + 1 for _, d in without)

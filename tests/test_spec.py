@@ -100,6 +100,7 @@ BROKEN = [
      "params_from file not found", 11),
     ("exclude key typo", BASE + "exclude:\n  - {atack: badnets}\n", "unknown exclude key 'atack' (did you mean 'attack'?)", 13),
     ("exclude matches nothing", BASE + "exclude:\n  - {attack: badnets, seed: 7}\n", "matches no cell", 13),
+    ("include adds nothing", BASE + "include:\n  - {attack: badnets, seed: 0}\n", "adds no cell", 13),
     ("exclude unknown attack", BASE + "exclude:\n  - {attack: wanet}\n", "exclude names attack 'wanet', which is not in", 13),
     ("target not a class", BASE + "target: 10\n", "target 10 is not a class of 'synthetic' (0..9)", 12),
     ("defender ratio", BASE + "defender_ratio: 0\n", "defender_ratio must be in (0, 1]", 12),
