@@ -61,10 +61,21 @@ class ArtifactStore:
         parent = final.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
         tmp = f"{parent}/.{key}.{uuid.uuid4().hex}.tmp"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(MAGIC + hashlib.sha256(payload).digest())
-            f.write(payload)
-        self.fs.move(tmp, final)  # atomic rename on local and HDFS; a single PUT on object stores
+        try:
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(MAGIC + hashlib.sha256(payload).digest())
+                f.write(payload)
+            self.fs.move(tmp, final)  # atomic rename on local and HDFS; a single PUT on object stores
+        except OSError as e:
+            # a full disk must not keep the partial file: each retry would leave another one and
+            # make the disk fuller (issue 17)
+            try:
+                self.fs.delete_file(tmp)
+            except OSError:
+                pass
+            from results.writer import WriteError
+
+            raise WriteError.of(Path(final) if self.local else final, e) from None
         return final
 
     def get_bytes(self, kind: str, key: str) -> bytes:
