@@ -86,3 +86,37 @@ def test_a_read_only_out_is_one_message_before_any_compute(tmp_path):
     text = " ".join((r.stdout + r.stderr).split())
     assert f"cannot write {ro}/out" in text and "read-only" in text and "Traceback" not in text
     assert "Token authentication" not in text and "ray" not in text.lower()  # refused before Ray started
+
+
+def _hammer(root: str, seed: int, n: int) -> None:
+    import torch
+
+    from grid.store import ArtifactStore
+
+    store = ArtifactStore(root)
+    for i in range(n):
+        # the same key always carries the same content (keys are content hashes of their inputs)
+        store.put("attack", f"k{i % 3:063d}", {"w": torch.arange(20000, dtype=torch.float32) + i % 3})
+
+
+def test_two_runs_sharing_an_artifact_root_write_one_key_at_once_safely(tmp_path):
+    """No lock on a shared artifact root (README, design notes): two drivers (separate --out) that
+    need the same model may both compute it; each write is a private temporary file renamed over
+    the content-keyed name, so the racing writes leave one intact artifact and no temporary file."""
+    import multiprocessing as mp
+
+    import torch
+
+    from grid.store import ArtifactStore
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_hammer, args=(str(tmp_path), s, 60)) for s in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    store = ArtifactStore(tmp_path)
+    for i in range(3):
+        assert torch.equal(store.get("attack", f"k{i:063d}")["w"], torch.arange(20000, dtype=torch.float32) + i)
+    assert not list(Path(tmp_path).rglob("*.tmp"))
