@@ -75,7 +75,10 @@ def run_in_pty(argv: list[str], cwd: Path, timeout: float) -> tuple[int, float, 
                 last = now
                 out += chunk
                 continue
-        if proc.poll() is not None and not r:
+            if proc.poll() is not None:  # end of output and the command has exited
+                break
+            time.sleep(0.1)
+        elif proc.poll() is not None:
             break
         if now - t0 > timeout:
             proc.kill()
