@@ -22,11 +22,15 @@ def validate_cmd(
     same checks as `bdgrid run --dry-run`."""
     from grid.plan import build_plan
 
+    from grid.estimate import describe, estimate, measured_seconds
+
     ls = load_spec_or_exit(spec_file, gpus, max_stages)
     plan = build_plan(ls)
     c = plan.counts()
     console.print(f"[green]ok[/]: {spec_file}: grid '{plan.grid}', {plan.cells} cells, "
                   + ", ".join(f"{v} {k}" for k, v in c.items() if v) + " stages")
+    prev = out_dir(ls, None)
+    console.print(describe(estimate(plan, plan.stages, measured_seconds(prev)), prev, "in all"))
     asked = max(getattr(ls.spec.resources, k).gpus for k in ("attack", "prepare", "defense", "eval"))
     if asked and gpus is None:
         console.print(f"note: stages ask for GPUs (up to {asked:g} per task); not checked here "
@@ -68,6 +72,9 @@ def run_cmd(
                 keys = [s.key for s in plan.of_kind(kind)]
                 t.add_row(kind, str(n), str(sum(k in done for k in keys)), str(sum(k in need for k in keys)))
         console.print(t)
+        from grid.estimate import describe, estimate, measured_seconds
+
+        console.print(describe(estimate(plan, need, measured_seconds(out_path)), out_path))
         if corrupt:
             console.print(f"[yellow]{len(corrupt)} corrupt artifact(s); a run will recompute them[/]")
         return
