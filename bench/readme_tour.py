@@ -17,15 +17,18 @@ Placeholders are filled the way a user would: ``<defense_key of a row>`` from th
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import pty
 import re
 import resource
 import select
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from pathlib import Path
 
@@ -58,6 +61,8 @@ def run_in_pty(argv: list[str], cwd: Path, timeout: float) -> tuple[int, float, 
     """(exit code, wall s, CPU s of the children, longest silence s, output)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     master, slave = pty.openpty()
+    # a terminal of 120 x 40, as a user's: a pty of size 0 x 0 makes tqdm and rich draw nothing
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     t0 = last = time.monotonic()
     proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, close_fds=True)
     os.close(slave)
