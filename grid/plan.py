@@ -91,7 +91,10 @@ class Plan:
                     self.resources, dict(self.cell_stages))
 
     def counts(self) -> dict[str, int]:
-        return {k: len(self.of_kind(k)) for k in STAGE_KINDS}
+        c = {k: len(self.of_kind(k)) for k in STAGE_KINDS}
+        if not c["import"]:  # only grids with models: have the kind (the counts of the rest read as before)
+            del c["import"]
+        return c
 
     def add(self, kind: str, config: dict, parents: tuple, run: dict | None = None, info: dict | None = None) -> Stage:
         """The stage of this content, added once (the same key from another cell or trial is the same work)."""

@@ -124,20 +124,19 @@ def _check_names(ls: LoadedSpec, add, check_entry) -> None:
 
     # empty axes; with models: alone, the trained grid's three may be left out (datasets may
     # then be given only to say where the imported models' clean data are)
-    given = s.model_fields_set
-    trained = not s.models or "archs" in given or "attacks" in given
+    trained = not s.models or bool(s.archs) or bool(s.attacks)
     for axis in ("datasets", "archs", "attacks") if trained else ():
-        if axis not in given:
+        if getattr(s, axis):
+            continue
+        if axis not in s.model_fields_set:
             add((axis,), f"required field '{axis}' is missing" + (
                 " (a grid of trained models needs datasets, archs and attacks; leave out archs and attacks "
                 "to run the models: alone)" if s.models else ""))
-        elif not getattr(s, axis):
+        else:
             add((axis,), f"'{axis}' is empty; list at least one value")
     for axis in ("pratios", "seeds", "defenses"):
         if not getattr(s, axis):
             add((axis,), f"'{axis}' is empty; list at least one value")
-    if not s.models and "models" in given:
-        add(("models",), "'models' is empty; list at least one model or leave it out")
 
     # datasets
     for i, d in enumerate(s.datasets):

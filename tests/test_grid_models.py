@@ -284,3 +284,17 @@ def test_bad_models_entries_are_listed_with_their_lines(world):
                        (15, "models[5].arch: 'arch' is read from the BackdoorBench record")):
         assert f"bad.yaml:{line}: {what}" in text, (line, text)
     assert "7 problems" in text
+
+
+def test_the_example_spec_plans_the_records_beside_it(world):
+    """examples/own-models.yaml, put beside records, a checkpoint and CIFAR data, validates and
+    plans one import per model and every defense on each."""
+    from grid.spec import load_spec
+
+    spec = world["root"] / "own-models.yaml"
+    shutil.copy(Path(__file__).resolve().parent.parent / "examples" / "own-models.yaml", spec)
+    ls, probs = load_spec(spec)
+    assert not probs and not validate(ls, 0), validate(ls, 0)
+    plan = build_plan(ls)
+    assert plan.cells == 3 and plan.counts()["import"] == 3 and plan.counts()["attack"] == 0
+    assert plan.counts()["eval"] == 9  # none, ft, tsbd on each
