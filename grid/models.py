@@ -197,10 +197,18 @@ def _check_data(ls: LoadedSpec, i: int, m: ModelEntry, dataset: str, what: str, 
             add(("models", i), f"{what} needs its clean data ({dataset}): give 'root:' (the folder with its "
                                f"standard files), here or on a 'datasets:' entry named {dataset}")
             return None
+        if m.root is None:
+            return root, params  # the spec's datasets: entry: its root is checked there
         if not Path(root).exists():
-            add(("models", i, "root") if m.root is not None else ("models", i),
-                f"{what}: clean data root not found: {root}")
+            add(("models", i, "root"), f"{what}: clean data root not found: {root}")
             return None
+        if params.get("download", True) is False and not params.get("cache_dir"):
+            from defense.data.files import dataset_problem
+
+            why = dataset_problem(dataset, root)
+            if why:
+                add(("models", i, "root"), f"{what}: {why.splitlines()[0]} (download: false)")
+                return None
     return root, params
 
 

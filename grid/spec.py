@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from defense.registry import did_you_mean
 from grid.tune.space import TuneBlock
@@ -127,6 +127,14 @@ class ModelEntry(_Strict):
     root: str | None = None  # the clean data (default: the root of the spec's dataset of that name)
     dataset_params: dict[str, Any] | None = None  # default: the spec's dataset entry's params
     label: str | None = None  # name in tables (default: the record folder / checkpoint file name)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mapping(cls, v):
+        if not isinstance(v, dict):
+            raise ValueError("a models: entry is a mapping, '- backdoorbench: <record folder or glob>' or "
+                             "'- checkpoint: <file>' with arch, dataset and attack")
+        return v
 
 
 def _named(v: Any) -> Any:
@@ -401,6 +409,10 @@ def salvage(data: dict, rounds: int = 50) -> GridSpec | None:
 def _drop(data: dict, loc: tuple, missing: bool) -> bool:
     """Delete the deepest mapping key on ``loc``. A list element is never removed alone (that
     would shift the indices other problems are reported at): the field holding the list goes."""
+    if len(loc) == 2 and loc[0] == "models" and isinstance(data.get("models"), list) \
+            and isinstance(loc[1], int) and 0 <= loc[1] < len(data["models"]) and data["models"][loc[1]] != {}:
+        data["models"][loc[1]] = {}  # a models: entry that is not a mapping: the others are still checked
+        return True
     node, last = data, None  # (mapping, key) of the deepest mapping key reached
     for k in loc[:-1] if missing else loc:  # a missing key is not there to delete: its parent goes
         if isinstance(node, dict) and k in node:

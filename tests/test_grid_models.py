@@ -252,6 +252,7 @@ models:
     attack: badnet
   - backdoorbench: record/badnet_0_1
     arch: tiny_cnn
+  - record/wanet_0_1
 defenses: [none, tsbd]
 datasets:
   - name: cifar10
@@ -281,9 +282,10 @@ def test_bad_models_entries_are_listed_with_their_lines(world):
                        (6, f"models[3].checkpoint: checkpoint file not found: {world['root'] / 'missing.pt'}"),
                        (11, "models[4].arch: unknown model 'tiny_cn' (did you mean 'tiny_cnn'?)"),
                        (13, "models[4].attack: unknown attack 'badnet' (did you mean 'badnets'?)"),
-                       (15, "models[5].arch: 'arch' is read from the BackdoorBench record")):
+                       (15, "models[5].arch: 'arch' is read from the BackdoorBench record"),
+                       (16, "models[6]: Value error, a models: entry is a mapping, '- backdoorbench: <record")):
         assert f"bad.yaml:{line}: {what}" in text, (line, text)
-    assert "7 problems" in text
+    assert "8 problems" in text
 
 
 def test_the_example_spec_plans_the_records_beside_it(world):
