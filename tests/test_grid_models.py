@@ -182,6 +182,16 @@ def test_a_grid_over_two_records_and_a_checkpoint(ray_session, world, tmp_path):
     none = ck[ck.defense == "none"].iloc[0]
     assert (none["acc"], none["asr"]) == (pytest.approx(want["acc"], abs=1e-6), pytest.approx(want["asr"], abs=1e-6))
 
+    # an imported model's row names it by model_key: export-model writes it back out
+    from typer.testing import CliRunner
+
+    from grid.cli import app
+
+    f = tmp_path / "wanet.pt"
+    r = CliRunner().invoke(app, ["export-model", str(f), "--out", str(out), "--key", ft["model_key"]])
+    assert r.exit_code == 0, r.output
+    assert all(torch.equal(v, imp.model.state_dict()[k]) for k, v in torch.load(f, weights_only=True).items())
+
     # the run's table has a row per model, labelled by the record / file name
     table = paper_table(out, res.plan)
     for name in ("badnet_0_1", "wanet_0_1", "model.pt"):
