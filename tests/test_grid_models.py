@@ -10,7 +10,6 @@ trained for 2 epochs (so that their predictions vary and the equalities below ar
 """
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from collections import Counter
