@@ -24,7 +24,9 @@ from typing import Any
 
 from grid.spec import STAGE_KINDS, Cell, LoadedSpec, canon, expand
 
-CODE_VERSION = {"data": 1, "resource": 2, "attack": 1, "prepare": 2, "defense": 2, "eval": 1}
+CODE_VERSION = {"data": 1, "resource": 2, "attack": 1, "import": 1, "prepare": 2, "defense": 2, "eval": 1}
+# an import stage reads a model and scores it on the test set, as an eval does: it runs with eval's resources
+RESOURCES_OF = {"import": "eval"}
 
 
 @dataclass
@@ -41,7 +43,7 @@ class Stage:
     @property
     def label(self) -> str:
         i = self.info
-        parts = [i.get("dataset"), i.get("arch"), i.get("attack"),
+        parts = [i.get("model"), i.get("dataset"), i.get("arch"), i.get("attack"),
                  f"p={i['pratio']:g}" if "pratio" in i else None,
                  f"s={i['seed']}" if "seed" in i else None, i.get("defense")]
         return f"{self.kind}[{' '.join(str(p) for p in parts if p is not None)}]"
@@ -89,13 +91,16 @@ class Plan:
                     self.resources, dict(self.cell_stages))
 
     def counts(self) -> dict[str, int]:
-        return {k: len(self.of_kind(k)) for k in STAGE_KINDS}
+        c = {k: len(self.of_kind(k)) for k in STAGE_KINDS}
+        if not c["import"]:  # only grids with models: have the kind (the counts of the rest read as before)
+            del c["import"]
+        return c
 
     def add(self, kind: str, config: dict, parents: tuple, run: dict | None = None, info: dict | None = None) -> Stage:
         """The stage of this content, added once (the same key from another cell or trial is the same work)."""
         key = stage_key(kind, config, parents)
         if key not in self.stages:
-            r = getattr(self.resources, kind) if self.resources is not None else None
+            r = getattr(self.resources, RESOURCES_OF.get(kind, kind)) if self.resources is not None else None
             self.stages[key] = Stage(kind, key, config, parents, run or {}, info or {},
                                      r.cpus if r else 1.0, r.gpus if r else 0.0)
         return self.stages[key]
@@ -136,7 +141,7 @@ def build_plan(ls: LoadedSpec, cells: list | None = None, with_defenses: bool = 
     plan = Plan({}, 0, s.name, ls.hash, s.resources)
     cells = expand(ls) if cells is None else cells
     for cell, defenses in cells:
-        cs = add_cell(plan, ls, cell)
+        cs = add_cell(plan, ls, cell) if isinstance(cell, Cell) else add_model_cell(plan, ls, cell)
         for dc in defenses if with_defenses else ():
             if dc.name == "none":
                 continue
@@ -200,6 +205,40 @@ def add_cell(plan: Plan, ls: LoadedSpec, cell: Cell) -> CellStages:
                                                 "params": canon(none_params)})
     cs = CellStages(cell, ident, data.key, attack.key, ev.key)
     plan.cell_stages[cell] = cs
+    return cs
+
+
+def add_model_cell(plan: Plan, ls: LoadedSpec, mc) -> CellStages:
+    """A ``grid.models.ModelCell``'s data, import and no-defense eval stages. The import stage
+    stands where a trained cell's attack stage does and stores the same artifact, keyed by the
+    imported files' content (``mc.key``), not by where they are."""
+    import json
+
+    from defense.data import DATASETS
+    from defense.methods import DEFENSES
+
+    if mc in plan.cell_stages:
+        return plan.cell_stages[mc]
+    s = ls.spec
+    dparams = _resolved(DATASETS.get(mc.dataset), json.loads(mc.dataset_params))
+    data = plan.add("data", {"dataset": mc.dataset, "params": dparams}, (),
+                    run={"root": mc.root, "base_dir": str(ls.base_dir)}, info={"dataset": mc.dataset})
+    ident = {"dataset": mc.dataset, "arch": mc.arch, "attack": mc.attack, "attack_params": mc.attack_params,
+             "target": mc.target, "seed": mc.seed, "dataset_params": canon(dparams),
+             "defender_ratio": s.defender_ratio, "val_ratio": s.val_ratio, "model": mc.label, **dict(mc.provenance)}
+    if mc.pratio is not None:
+        ident["pratio"] = mc.pratio
+    config = {"source": mc.source, "content": mc.key, "arch": mc.arch, "target": mc.target, "val_ratio": s.val_ratio}
+    if mc.source == "checkpoint":  # its backdoor test set may be rebuilt by bdgrid's attack, seeded
+        config.update(attack=mc.attack, attack_params=json.loads(mc.attack_params), pratio=mc.pratio, seed=mc.seed)
+    imp = plan.add("import", config, (data.key,), run={"path": mc.path, "backdoor_test": mc.backdoor_test},
+                   info=dict(ident))
+    none_params = _resolved(DEFENSES.get("none"), {})
+    ev = plan.add("eval", {"defense": "none", "params": none_params, "val_ratio": s.val_ratio},
+                  (data.key, imp.key), info={**ident, "defense": "none", "defense_name": "none",
+                                             "params": canon(none_params)})
+    cs = CellStages(mc, ident, data.key, imp.key, ev.key)
+    plan.cell_stages[mc] = cs
     return cs
 
 

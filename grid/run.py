@@ -35,7 +35,7 @@ from grid.spec import STAGE_KINDS, LoadedSpec
 from grid.status import write_state
 from grid.store import ArtifactStore
 
-STORED = ("resource", "attack", "prepare", "defense")  # kinds whose output is an artifact
+STORED = ("resource", "attack", "import", "prepare", "defense")  # kinds whose output is an artifact
 
 
 @dataclass
@@ -625,4 +625,7 @@ def paper_table(out: Path, plan: Plan | None = None, metrics=("acc", "asr", "der
     from results.reader import run_failures
     from results.tables import markdown  # the results package's paper table (mean +- std over seeds)
 
-    return markdown(df, metrics=list(metrics), rows="attack", cols="defense", failures=run_failures(out))
+    rows = "attack"
+    if "model" in df.columns and df["model"].notna().any():  # imported models (models:): a row per model
+        df, rows = df.assign(model=df["model"].fillna("(trained)")), ["attack", "model"]
+    return markdown(df, metrics=list(metrics), rows=rows, cols="defense", failures=run_failures(out))

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from defense.registry import did_you_mean
 from grid.tune.space import TuneBlock
 
-STAGE_KINDS = ("data", "resource", "attack", "prepare", "defense", "eval")
+# ``import``: a model trained elsewhere (``models:``), read in place of an ``attack`` stage
+STAGE_KINDS = ("data", "resource", "attack", "import", "prepare", "defense", "eval")
 CELL_AXES = ("dataset", "arch", "attack", "pratio", "seed")
 
 
@@ -103,6 +104,39 @@ class DefenseSpec(_Strict):
     label: str | None = None  # name shown in tables (default: the defense name)
 
 
+class ModelEntry(_Strict):
+    """One entry of ``models:``: a backdoored model bdgrid did not train (``grid.models``).
+
+    ``backdoorbench``: a BackdoorBench record folder or a glob of them (every match is a cell);
+    arch, dataset, attack, pratio and target are read from the record. ``checkpoint``: a
+    state_dict file, with the arch, dataset and attack it was trained for (its backdoor test set
+    is rebuilt by bdgrid's attack, or read from ``backdoor_test``). Paths are relative to the
+    spec file."""
+
+    backdoorbench: str | None = None
+    checkpoint: str | None = None
+    arch: str | None = None
+    dataset: str | None = None
+    attack: str | None = None
+    attack_params: dict[str, Any] = Field(default_factory=dict)
+    pratio: float | None = None
+    target: int | None = None  # checkpoint: default the spec's target; records carry theirs
+    # the defender subset's and the defense's seed (records: default the record's random_seed)
+    seed: int | None = None
+    backdoor_test: str | None = None  # folder <true label>/<test index>.png
+    root: str | None = None  # the clean data (default: the root of the spec's dataset of that name)
+    dataset_params: dict[str, Any] | None = None  # default: the spec's dataset entry's params
+    label: str | None = None  # name in tables (default: the record folder / checkpoint file name)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mapping(cls, v):
+        if not isinstance(v, dict):
+            raise ValueError("a models: entry is a mapping, '- backdoorbench: <record folder or glob>' or "
+                             "'- checkpoint: <file>' with arch, dataset and attack")
+        return v
+
+
 def _named(v: Any) -> Any:
     """``- badnets`` is shorthand for ``- {name: badnets}``."""
     return {"name": v} if isinstance(v, str) else v
@@ -110,9 +144,11 @@ def _named(v: Any) -> Any:
 
 class GridSpec(_Strict):
     name: str = "grid"
-    datasets: list[DatasetSpec]
-    archs: list[str]
-    attacks: list[AttackSpec]
+    # the trained grid's axes; a spec with ``models:`` may leave all three out
+    datasets: list[DatasetSpec] = Field(default_factory=list)
+    archs: list[str] = Field(default_factory=list)
+    attacks: list[AttackSpec] = Field(default_factory=list)
+    models: list[ModelEntry] = Field(default_factory=list)  # models trained elsewhere (grid.models)
     pratios: list[float] = Field(default_factory=lambda: [0.1])  # BackdoorBench default rate
     seeds: list[int] = Field(default_factory=lambda: [0])
     defenses: list[DefenseSpec] = Field(default_factory=lambda: [DefenseSpec(name="none")])
@@ -315,7 +351,7 @@ def parse_spec(text: str, file: str = "spec", base_dir: Path | None = None) -> t
             Problem((), f"not valid YAML: {getattr(e, 'problem', None) or e}", mark.line + 1 if mark else None)]
     if not isinstance(data, dict):
         return LoadedSpec(None, lines, file, base, text), [
-            Problem((), "a spec is a YAML mapping with at least datasets, archs, attacks", 1)]
+            Problem((), "a spec is a YAML mapping with at least datasets, archs, attacks (or models)", 1)]
     from grid.tune import legacy
 
     if legacy.is_legacy(data):
@@ -373,6 +409,10 @@ def salvage(data: dict, rounds: int = 50) -> GridSpec | None:
 def _drop(data: dict, loc: tuple, missing: bool) -> bool:
     """Delete the deepest mapping key on ``loc``. A list element is never removed alone (that
     would shift the indices other problems are reported at): the field holding the list goes."""
+    if len(loc) == 2 and loc[0] == "models" and isinstance(data.get("models"), list) \
+            and isinstance(loc[1], int) and 0 <= loc[1] < len(data["models"]) and data["models"][loc[1]] != {}:
+        data["models"][loc[1]] = {}  # a models: entry that is not a mapping: the others are still checked
+        return True
     node, last = data, None  # (mapping, key) of the deepest mapping key reached
     for k in loc[:-1] if missing else loc:  # a missing key is not there to delete: its parent goes
         if isinstance(node, dict) and k in node:
@@ -464,18 +504,25 @@ def defense_configs(ls: LoadedSpec) -> list[DefenseConfig]:
     return out
 
 
-def cell_matches(entry: dict, spec: GridSpec, cell: Cell, defense: DefenseConfig | None = None) -> bool:
+def cell_names(spec: GridSpec, cell) -> dict:
+    """The names a filter compares: dataset, arch, attack, pratio, seed (and model, for a
+    ``grid.models.ModelCell``)."""
+    if not isinstance(cell, Cell):
+        return {"dataset": cell.dataset, "arch": cell.arch, "attack": cell.attack, "pratio": cell.pratio,
+                "seed": cell.seed, "model": cell.label}
+    return {"dataset": spec.datasets[cell.dataset].name, "arch": cell.arch, "attack": spec.attacks[cell.attack].name,
+            "pratio": cell.pratio, "seed": cell.seed}
+
+
+def cell_matches(entry: dict, spec: GridSpec, cell, defense: DefenseConfig | None = None) -> bool:
     """Does an include/exclude entry or a tune_on/report_on filter select this cell (and defense)?"""
+    names = cell_names(spec, cell)
     for k, v in entry.items():
-        if k == "dataset" and spec.datasets[cell.dataset].name != v:
-            return False
-        if k == "arch" and cell.arch != v:
-            return False
-        if k == "attack" and spec.attacks[cell.attack].name != v:
-            return False
-        if k == "pratio" and not (isinstance(v, (int, float)) and abs(cell.pratio - float(v)) < 1e-12):
-            return False
-        if k == "seed" and cell.seed != v:
+        if k == "pratio":
+            p = names["pratio"]
+            if p is None or not (isinstance(v, (int, float)) and abs(p - float(v)) < 1e-12):
+                return False
+        elif k in ("dataset", "arch", "attack", "seed", "model") and names.get(k) != v:
             return False
         if k == "defense" and (defense is None or v not in (defense.name, defense.label)):
             return False
@@ -502,10 +549,14 @@ def expand(ls: LoadedSpec) -> list[tuple[Cell, list[DefenseConfig]]]:
             c = Cell(d, a, k, p, sd)
             if c not in cells:
                 cells.append(c)
+    if s.models:  # models trained elsewhere: one cell per record or checkpoint (grid.models)
+        from grid.models import model_cells
+
+        cells += model_cells(ls)
     defs = defense_configs(ls)
     out = []
     for c in cells:
-        if any(set(e) <= set(CELL_AXES) and cell_matches(e, s, c) for e in s.exclude):
+        if any(set(e) <= set(CELL_AXES) | {"model"} and cell_matches(e, s, c) for e in s.exclude):
             continue
         keep = [d for d in defs if not any("defense" in e and cell_matches(e, s, c, d) for e in s.exclude)]
         out.append((c, keep))

@@ -11,6 +11,8 @@ What each stage stores (``grid.store``, torch.save / weights_only loads):
 - ``attack``: the backdoored model's weights, poison indices, the backdoor test set (images,
   source indices, true labels), its training history and its before-defense metrics on both
   the reported test split and the validation split.
+- ``import``: the same artifact for a model trained elsewhere (``models:`` in a spec), with no
+  poison indices and no history; stages below it find it by ``model_kind``.
 - ``prepare``: the defense's shared preparation (TSBD Stages 1a/1b) and the warnings it raised.
 - ``defense``: the purified weights, diagnostics, curves, and the warnings it (and its prepare) raised.
 - ``eval``: nothing in the store; it returns its result rows (one per split) and curves, which
@@ -240,6 +242,52 @@ def run_attack(stage: Stage, data: dict, store: ArtifactStore, env: dict) -> dic
     return {"metrics": metrics}
 
 
+def run_import(stage: Stage, data: dict, store: ArtifactStore, env: dict) -> dict:
+    """A model trained elsewhere (``models:``; ``grid.models``): read it and its backdoor test set
+    (a BackdoorBench record's own images, or a checkpoint's rebuilt by bdgrid's attack or read
+    from its folder) over the data stage's clean data, measure it before any defense as
+    ``run_attack`` does, and store the attack stage's artifact under the stage's key."""
+    from defense.data.splits import val_test_indices
+    from defense.external.backdoorbench import record_from_data
+    from defense.external.imported import checkpoint_from_data
+    from defense.external.safe_load import RecordProblem
+
+    torch, dev = _torch_setup(stage)
+    c, r = stage.config, stage.run
+    t0 = time.perf_counter()
+    train, test = _data_from(data)
+    if c["source"] == "backdoorbench":
+        imp = record_from_data(r["path"], train, test)
+    else:
+        imp = checkpoint_from_data(r["path"], c["arch"], train.info.name, c["attack"], train, test, c["attack_params"],
+                                   c["pratio"], c["target"], c["seed"], r.get("backdoor_test"), _resources(store))
+    key = imp.key
+    if c["source"] == "checkpoint" and r.get("backdoor_test"):
+        from grid.models import checkpoint_key
+
+        key = checkpoint_key(Path(r["path"]), c["arch"], train.info.name, Path(r["backdoor_test"]))
+    if key != c["content"]:  # the artifact is keyed by the content the plan saw: never store other bytes under it
+        raise RecordProblem(f"{r['path']} changed since the grid was planned (content {key[:12]}, planned "
+                            f"{c['content'][:12]}); rerun `bdgrid run` to plan it again")
+    if imp.target != c["target"]:
+        raise RecordProblem(f"{r['path']}: its backdoor images are labelled {imp.target}, planned target {c['target']}")
+    model = imp.model
+    bd_x, bd_idx, bd_true = imp.poisoned.bd_test.x.cpu(), imp.poisoned.bd_idx.cpu(), imp.poisoned.bd_true.cpu()
+    val_idx, test_idx = val_test_indices(len(test), c["val_ratio"], seed=0)
+    metrics = {name: _split_metrics(model, test, bd_x, bd_idx, bd_true, idx, c["target"], dev)
+               for name, idx in (("test", test_idx), ("val", val_idx))}
+    store.put("import", stage.key, {
+        "state": _state(model), "poison_idx": torch.zeros(0, dtype=torch.long), "bd_x": bd_x, "bd_idx": bd_idx,
+        "bd_true": bd_true, "metrics": metrics, "history": "[]", "wall_s": time.perf_counter() - t0, "device": dev})
+    return {"metrics": metrics}
+
+
+def model_kind(stage: Stage) -> str:
+    """The store kind of a stage's backdoored model (its parents[1]): ``import`` below an imported
+    model's stage (its rows say where the model came from), else ``attack``."""
+    return "import" if stage.info.get("source") else "attack"
+
+
 def _clean(train, c: dict):
     from defense.data.splits import defender_subset
 
@@ -252,7 +300,7 @@ def run_prepare(stage: Stage, data: dict, store: ArtifactStore, env: dict) -> di
 
     torch, dev = _torch_setup(stage)
     train, _ = _data_from(data)
-    atk = store.get("attack", stage.parents[1])
+    atk = store.get(model_kind(stage), stage.parents[1])
     entry = DEFENSES.get(stage.config["defense"])
     model = _model(stage.info["arch"], train.info, atk["state"]).to(dev)
     with _Capture(_log_path(env, stage)) as cap:
@@ -272,7 +320,7 @@ def run_defense_stage(stage: Stage, data: dict, store: ArtifactStore, env: dict)
     c = stage.config
     t0 = time.perf_counter()
     train, _ = _data_from(data)
-    atk = store.get("attack", stage.parents[1])
+    atk = store.get(model_kind(stage), stage.parents[1])
     prep = store.get("prepare", stage.parents[2]) if len(stage.parents) > 2 else {}
     model = _model(stage.info["arch"], train.info, atk["state"]).to(dev)
     with _Capture(_log_path(env, stage)) as cap:
@@ -329,7 +377,7 @@ def run_eval(stage: Stage, data: dict, store: ArtifactStore, env: dict) -> dict:
     torch, dev = _torch_setup(stage)
     t0 = time.time()
     _, test = _data_from(data)
-    atk = store.get("attack", stage.parents[1])
+    atk = store.get(model_kind(stage), stage.parents[1])
     defended = stage.config["defense"] != "none"
     src = store.get("defense", stage.parents[2]) if defended else atk
     model = _model(stage.info["arch"], test.info, src["state"])
@@ -371,7 +419,7 @@ def write_rows(out: str | Path, stage: Stage, output: dict) -> None:
     results.write_stage(out, "eval", stage.key, output["rows"])
 
 
-RUNNERS = {"resource": run_resource, "attack": run_attack, "prepare": run_prepare,
+RUNNERS = {"resource": run_resource, "attack": run_attack, "import": run_import, "prepare": run_prepare,
            "defense": run_defense_stage, "eval": run_eval}
 
 

@@ -38,7 +38,8 @@ def stage_estimate(s) -> int:
         for vals in d.sweep.values():
             n *= max(1, len(vals))
         configs += n
-    return cells * (2 + 3 * configs) + len(s.datasets)
+    # a models: glob counts once here (its matches are only known once the folders are listed)
+    return (cells + len(s.models)) * (2 + 3 * configs) + len(s.datasets)
 
 
 def every_problem(ls: LoadedSpec, parse_problems: list[Problem], gpus_available: float | None = None,
@@ -90,9 +91,10 @@ def validate(ls: LoadedSpec, gpus_available: float | None = None) -> list[Proble
         return e
 
     _check_names(ls, add, check_entry)
+    model_cells = _check_models(ls, problems)
     _check_numbers(ls, add)
     _check_duplicates(ls, add)
-    _check_include_exclude(ls, add)
+    _check_include_exclude(ls, add, model_cells)
     _check_store_and_gpus(ls, add, gpus_available)
     if s.tune is not None:
         _check_tune(ls, add)
@@ -125,8 +127,19 @@ def _check_names(ls: LoadedSpec, add, check_entry) -> None:
 
     s = ls.spec
 
-    # empty axes
-    for axis in ("datasets", "archs", "attacks", "pratios", "seeds", "defenses"):
+    # empty axes; with models: alone, the trained grid's three may be left out (datasets may
+    # then be given only to say where the imported models' clean data are)
+    trained = not s.models or bool(s.archs) or bool(s.attacks)
+    for axis in ("datasets", "archs", "attacks") if trained else ():
+        if getattr(s, axis):
+            continue
+        if axis not in s.model_fields_set:
+            add((axis,), f"required field '{axis}' is missing" + (
+                " (a grid of trained models needs datasets, archs and attacks; leave out archs and attacks "
+                "to run the models: alone)" if s.models else ""))
+        else:
+            add((axis,), f"'{axis}' is empty; list at least one value")
+    for axis in ("pratios", "seeds", "defenses"):
         if not getattr(s, axis):
             add((axis,), f"'{axis}' is empty; list at least one value")
 
@@ -189,6 +202,18 @@ def _check_names(ls: LoadedSpec, add, check_entry) -> None:
 
 
 
+def _check_models(ls: LoadedSpec, problems: list) -> list:
+    """``models:``: every entry resolved to its cells (records inspected, checkpoints loaded
+    safely, names and paths checked), each problem at its entry's line (``grid.models``)."""
+    if not ls.spec.models:
+        return []
+    from grid.models import resolve
+
+    cells, found = resolve(ls)
+    problems += found
+    return cells
+
+
 def _check_numbers(ls: LoadedSpec, add) -> None:
     """Rates, ratios, the recipe and epochs."""
     from defense.train import RECIPES
@@ -236,16 +261,18 @@ def _check_duplicates(ls: LoadedSpec, add) -> None:
 
 
 
-def _check_include_exclude(ls: LoadedSpec, add) -> None:
-    """include/exclude entries: known keys, names that are in the spec."""
+def _check_include_exclude(ls: LoadedSpec, add, model_cells: list = ()) -> None:
+    """include/exclude entries: known keys, names that are in the spec (or its models)."""
     from defense.models import MODELS
 
     s = ls.spec
 
     # include / exclude
-    names = {"dataset": {d.name for d in s.datasets}, "attack": {a.name for a in s.attacks},
-             "defense": {d.name for d in s.defenses} | {d.label for d in s.defenses if d.label}}
-    for which, allowed in (("include", CELL_AXES), ("exclude", CELL_AXES + ("defense",))):
+    names = {"dataset": {d.name for d in s.datasets} | {c.dataset for c in model_cells},
+             "attack": {a.name for a in s.attacks} | {c.attack for c in model_cells},
+             "defense": {d.name for d in s.defenses} | {d.label for d in s.defenses if d.label},
+             "model": {c.label for c in model_cells}}
+    for which, allowed in (("include", CELL_AXES), ("exclude", CELL_AXES + ("model", "defense",))):
         for i, entry in enumerate(getattr(s, which)):
             if not entry:
                 add((which, i), f"empty {which} entry; give some of {', '.join(allowed)}")
@@ -279,7 +306,7 @@ def _check_store_and_gpus(ls: LoadedSpec, add, gpus_available) -> None:
 
     # GPUs
     if gpus_available is not None:
-        for kind in STAGE_KINDS:
+        for kind in (k for k in STAGE_KINDS if k != "import"):  # an import runs with eval's resources
             g = getattr(s.resources, kind).gpus
             if g > 0 and gpus_available <= 0:
                 add(("resources", kind, "gpus"), f"{kind} stages ask for {g} GPU(s) but the cluster has none; "

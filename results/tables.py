@@ -54,7 +54,8 @@ DISPLAY = {
 MISSING = "—"
 SOURCE_LABELS = {"backdoorbench": "BackdoorBench"}
 # Columns that, when they vary inside one cell, mean the cell mixes different experiments.
-IDENTITY = ("grid", "dataset", "arch", "attack", "attack_params", "pratio", "target", "defense", "params")
+IDENTITY = ("grid", "dataset", "arch", "attack", "attack_params", "pratio", "target", "defense", "params",
+            "model")  # model: an imported model's name (grid.models)
 
 
 @dataclass

@@ -186,7 +186,7 @@ def load_record(record_dir: str | Path, data_root: str | Path | None = None,
     The clean data are bdgrid's loader for the record's ``clean_data`` under ``data_root``
     (``dataset_params`` go to the loader, e.g. ``{"download": False}``; a record written by bdgrid
     carries its own). Raises ``RecordProblem`` for anything unusable, naming the record."""
-    from defense.data import dataset_info, load_dataset
+    from defense.data import load_dataset
     from defense.data.files import DatasetMissing
 
     d = record_dir_of(record_dir)
@@ -194,29 +194,50 @@ def load_record(record_dir: str | Path, data_root: str | Path | None = None,
     rec = read_record_dict(d)
     arch, dataset = resolve_names(rec, where)
     extra = rec.get("bdgrid") if isinstance(rec.get("bdgrid"), dict) else {}
-    info = dataset_info(dataset)
-    size = tuple(int(v) for v in rec["img_size"])[:2] if rec["img_size"] is not None else (info.size, info.size)
-    if size != (info.size, info.size) or int(rec["num_classes"]) != info.num_classes:
-        raise RecordProblem(f"{where}: img_size {rec['img_size']} / num_classes {rec['num_classes']} do not match "
-                            f"bdgrid's {dataset} ({info.size}x{info.size}, {info.num_classes} classes)")
+    _check_shape(rec, dataset, where)
     params = {**extra.get("dataset_params", {}), **(dataset_params or {})}
     try:
         train, test = load_dataset(dataset, data_root, **params)
     except DatasetMissing as e:
         raise RecordProblem(f"{where} needs its clean data ({rec['clean_data']}): {e}") from None
-    model = build_model(arch, dataset, rec["model"], where, num_classes=int(rec["num_classes"]))
+    return record_from_data(d, train, test, rec, where=f"{where} (clean data under {data_root})")
+
+
+def _check_shape(rec: dict, dataset: str, where: str) -> None:
+    from defense.data import dataset_info
+
+    info = dataset_info(dataset)
+    size = tuple(int(v) for v in rec["img_size"])[:2] if rec["img_size"] is not None else (info.size, info.size)
+    if size != (info.size, info.size) or int(rec["num_classes"]) != info.num_classes:
+        raise RecordProblem(f"{where}: img_size {rec['img_size']} / num_classes {rec['num_classes']} do not match "
+                            f"bdgrid's {dataset} ({info.size}x{info.size}, {info.num_classes} classes)")
+
+
+def record_from_data(record_dir: str | Path, train: Data, test: Data, rec: dict | None = None,
+                     where: str | None = None) -> Imported:
+    """A record's model and backdoor test set over clean data already loaded (``train``/``test``:
+    the record's dataset, as a grid's data stage loads it). ``where`` names the data in messages."""
+    from defense.data import dataset_info
+
+    d = record_dir_of(record_dir)
+    name = f"BackdoorBench record {d}"
+    rec = read_record_dict(d) if rec is None else rec
+    arch, dataset = resolve_names(rec, name)
+    _check_shape(rec, dataset, name)
+    info = dataset_info(dataset)
+    model = build_model(arch, dataset, rec["model"], name, num_classes=int(rec["num_classes"]))
     state = rec["bd_test"]
     if not isinstance(state, dict):
-        raise RecordProblem(f"{where}: bd_test is {type(state).__name__}, expected a dataset state")
-    bd, bd_idx, bd_true = read_bd_test(d, state, info, where)
+        raise RecordProblem(f"{name}: bd_test is {type(state).__name__}, expected a dataset state")
+    bd, bd_idx, bd_true = read_bd_test(d, state, info, name)
     if len(bd_idx) and int(bd_idx.max()) >= len(test):
-        raise RecordProblem(f"{where}: backdoor image index {int(bd_idx.max())} is outside the clean test set "
-                            f"({len(test)} images of {dataset} under {data_root}): not the record's dataset?")
+        raise RecordProblem(f"{where or name}: backdoor image index {int(bd_idx.max())} is outside the clean test set "
+                            f"({len(test)} images of {dataset}): not the record's dataset?")
     targets = set(bd.y.tolist())
     target = targets.pop() if len(targets) == 1 else None
     poisoned = Poisoned(train=train, poison_idx=torch.zeros(0, dtype=torch.long), bd_test=bd, bd_idx=bd_idx,
                         bd_true=bd_true, info={"source": "backdoorbench"})
-    return Imported(model, arch, dataset, train, test, poisoned, target, record_key(d, _bd_folder(state, where)),
+    return Imported(model, arch, dataset, train, test, poisoned, target, record_key(d, _bd_folder(state, name)),
                     provenance(d, rec, read_info(d), target))
 
 
@@ -249,12 +270,15 @@ def inspect_record(record_dir: str | Path) -> dict:
     d = record_dir_of(record_dir)
     rec = read_record_dict(d)
     arch, dataset = resolve_names(rec, f"BackdoorBench record {d}")
+    _check_shape(rec, dataset, f"BackdoorBench record {d}")
     state = rec["bd_test"] if isinstance(rec["bd_test"], dict) else {}
     folder = _bd_folder(state, f"BackdoorBench record {d}")
     info = read_info(d)
     targets = {int(v["other_info"][0]) for v in state.get("bd_data_container", {}).get("data_dict", {}).values()}
     target = targets.pop() if len(targets) == 1 else None
-    return {"arch": arch, "dataset": dataset, "key": record_key(d, folder), "provenance": provenance(d, rec, info, target)}
+    extra = rec.get("bdgrid") if isinstance(rec.get("bdgrid"), dict) else {}
+    return {"arch": arch, "dataset": dataset, "key": record_key(d, folder), "provenance": provenance(d, rec, info, target),
+            "bd_folder": folder, "dataset_params": dict(extra.get("dataset_params") or {})}
 
 
 def load_defense_result(path: str | Path, dataset: str) -> torch.nn.Module:

@@ -55,12 +55,23 @@ def import_checkpoint(path: str | Path, arch: str, dataset: str, attack: str, at
                       pratio: float = 0.1, target: int = 0, seed: int = 0, data_root: str | Path | None = None,
                       dataset_params: dict | None = None, backdoor_test: str | Path | None = None) -> Imported:
     """A plain checkpoint as an ``Imported`` backdoored model (see the module docstring)."""
-    from defense.data import dataset_info, load_dataset
+    from defense.data import load_dataset
+
+    train, test = load_dataset(dataset, data_root, **(dataset_params or {}))
+    return checkpoint_from_data(path, arch, dataset, attack, train, test, attack_params, pratio, target, seed,
+                                backdoor_test)
+
+
+def checkpoint_from_data(path: str | Path, arch: str, dataset: str, attack: str, train: Data, test: Data,
+                         attack_params: dict | None = None, pratio: float = 0.1, target: int = 0, seed: int = 0,
+                         backdoor_test: str | Path | None = None, resources=None) -> Imported:
+    """``import_checkpoint`` over clean data already loaded (a grid's data stage); ``resources``:
+    the attack-resource cache bdgrid's attack may need to rebuild the backdoor test set."""
+    from defense.data import dataset_info
     from defense.trial import TrialConfig, default_resources, make_poisoned
 
     where = f"checkpoint {path}"
     model, key = load_checkpoint(path, arch, dataset)
-    train, test = load_dataset(dataset, data_root, **(dataset_params or {}))
     info = dataset_info(dataset)
     if backdoor_test is not None:
         bd, bd_idx, bd_true = read_image_folder(backdoor_test, info, target, where)
@@ -71,7 +82,7 @@ def import_checkpoint(path: str | Path, arch: str, dataset: str, attack: str, at
     else:
         cfg = TrialConfig(dataset=dataset, arch=arch, attack=attack, pratio=pratio, target=target, seed=seed,
                           attack_params=dict(attack_params or {}), device="cpu")
-        poisoned = make_poisoned(cfg, train, test, resources=default_resources())
+        poisoned = make_poisoned(cfg, train, test, resources=resources or default_resources())
         if poisoned.bd_test is None:
             raise RecordProblem(f"{where}: bdgrid's '{attack}' makes its backdoor test images with what it "
                                 "trains alongside the model, which a checkpoint from elsewhere lacks: give "

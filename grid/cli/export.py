@@ -26,7 +26,7 @@ def export_model(
 
     artifacts = artifacts or run_artifact_root(out)
     store = ArtifactStore(artifacts)
-    for kind in ("defense", "attack"):
+    for kind in ("defense", "attack", "import"):  # import: a model of a models: entry (grid.models)
         if store.exists(kind, key):
             break
     else:
