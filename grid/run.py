@@ -190,7 +190,6 @@ def _quiet_ray() -> None:
     shows (bdgrid reports the stage). Set before ``ray.init``: the core worker reads them at start."""
     import logging
 
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     for name in ("ray", "ray._private", "ray.util"):
         logging.getLogger(name).setLevel(logging.CRITICAL)

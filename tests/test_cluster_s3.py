@@ -32,7 +32,7 @@ SPEC = """\
 name: s3grid
 datasets:
   - name: synthetic
-    params: {n_train: 400, n_test: 200}
+    params: {n_train: 1000, n_test: 200}
 archs: [tiny_cnn]
 attacks: [badnets, blended]
 pratios: [0.1]
@@ -278,16 +278,14 @@ def test_two_nodes_s3_worker_killed_mid_run(s3, local_s3_run, tmp_path):
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         procs.append(driver)
 
-        def both_busy():  # each node has one CPU: two stages running means one runs on the worker
-            try:
-                st = json.loads((mirror / "state.json").read_text())
-            except (OSError, ValueError):
-                return False
+        def worker_busy():  # a Ray worker process of the worker node is executing a stage
             if driver.poll() is not None:
-                raise AssertionError("the driver ended before the worker was killed")
-            return sum(c.get("running", 0) for c in st["counts"].values()) >= 2
+                o, e = driver.communicate()
+                raise AssertionError(f"the driver ended before the worker was killed:\n{o[-3000:]}\n{e[-3000:]}")
+            return any(title.startswith("ray::") and not title.startswith(("ray::IDLE", "ray::StartLog"))
+                       for title in _titles(worker.pid))
 
-        _wait_for(both_busy, 400, "a stage running on each node")
+        _wait_for(worker_busy, 400, "a stage running on the worker node", step=0.2)
         _kill_session(worker.pid)
         worker.wait(timeout=60)
         stdout, stderr = driver.communicate(timeout=600)
@@ -319,6 +317,19 @@ def test_two_nodes_s3_worker_killed_mid_run(s3, local_s3_run, tmp_path):
 
         for d in (tmp_head, tmp_work):
             shutil.rmtree(d, ignore_errors=True)
+
+
+def _titles(sid: int) -> list[str]:
+    """The process titles (Ray sets ``ray::<task>`` on a busy worker) of a session's processes."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if os.getsid(int(pid)) == sid:
+                    out.append(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace"))
+            except (ProcessLookupError, PermissionError, FileNotFoundError):
+                pass
+    return out
 
 
 def _connectable(host: str, port: int) -> bool:
