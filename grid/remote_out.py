@@ -14,7 +14,8 @@ path) ``--out`` into one without knowing the folder's layout:
   pushes loses at most the last seconds of results: the next run recomputes those eval stages
   (their artifacts are in the artifact store already).
 
-Names starting with '.' are never mirrored: they are this project's temporaries (``.*.tmp``),
+The ``artifacts/`` folder is not mirrored (it is the artifact store, which workers reach
+directly). Names starting with '.' are never mirrored: they are this project's temporaries (``.*.tmp``),
 the driver's lock (``.driver.lock``) and the mirror's own record (``.mirror.json``). The lock is
 therefore per machine: two drivers on one ``s3://`` out from two machines are not stopped.
 
@@ -38,6 +39,9 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 MANIFEST = ".mirror.json"
+# the artifact store's default place under an s3:// out (``bdgrid run`` puts it there): read and
+# written by the workers directly, never copied into the mirror
+NOT_MIRRORED = ("artifacts",)
 PUSH_EVERY = 2.0  # seconds between two pushes while a run goes on; the last one is forced at the end
 THREADS = 16  # concurrent transfers: object stores answer each request in tens of ms
 
@@ -114,9 +118,14 @@ class RemoteOut:
     # ------------------------------------------------------------------ listing
 
     def _remote_files(self) -> dict[str, tuple[int, int | None]]:
-        sel = pafs.FileSelector(self.base, recursive=True, allow_not_found=True)
+        """{relative path: (size, mtime)}: the top level, then each folder but the artifact store
+        (whose objects may be many and large) recursively."""
         try:
-            infos = self.fs.get_file_info(sel)
+            top = self.fs.get_file_info(pafs.FileSelector(self.base, recursive=False, allow_not_found=True))
+            infos = [i for i in top if i.type == pafs.FileType.File]
+            for d in top:
+                if d.type == pafs.FileType.Directory and d.base_name not in NOT_MIRRORED:
+                    infos += self.fs.get_file_info(pafs.FileSelector(d.path, recursive=True, allow_not_found=True))
         except OSError as e:
             raise RemoteOutError(f"cannot list {shown(self.uri)}: {_first(e)}") from None
         out = {}
@@ -131,7 +140,8 @@ class RemoteOut:
     def _local_files(self) -> dict[str, os.stat_result]:
         out = {}
         for root, dirs, files in os.walk(self.local):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            dirs[:] = [d for d in dirs if not d.startswith(".")
+                       and not (d in NOT_MIRRORED and os.path.samefile(root, self.local))]
             for f in files:
                 if not f.startswith("."):
                     p = os.path.join(root, f)
