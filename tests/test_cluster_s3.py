@@ -180,7 +180,9 @@ def test_s3_out_refusals_before_any_compute(s3, tmp_path):
     r = bdgrid(["table", "--out", "s3://nobucket/x"], env, timeout=300)
     said = " ".join(r.stderr.split())
     assert r.returncode == 2 and "Traceback" not in said and "no run at s3://nobucket/x" in said, r.stderr
-    r = bdgrid(["tune", str(tmp_path / "spec.yaml"), "--out", "s3://bdg/t"], env, timeout=300)
+    tune = "tune:\n  defense: ft\n  space:\n    lr: {type: float, low: 0.001, high: 0.1, log: true}\n  n_trials: 2\n  tune_on: [{attack: badnets}]\n"
+    (tmp_path / "tune.yaml").write_text(SPEC + tune)
+    r = bdgrid(["tune", str(tmp_path / "tune.yaml"), "--out", "s3://bdg/t"], env, timeout=300)
     assert r.returncode == 2 and "needs a local" in " ".join(r.stderr.split()), r.stderr
     assert not any(p.name.startswith("s3:") for p in ROOT.iterdir())  # no local folder named after the URI
 
@@ -297,6 +299,7 @@ def test_two_nodes_s3_worker_killed_mid_run(s3, local_s3_run, tmp_path):
         _kill_session(worker.pid)
         worker.wait(timeout=60)
         stdout, stderr = driver.communicate(timeout=600)
+        print(f"driver stderr after the worker node was killed:\n{stderr[-2000:]}")  # shown with -s
         assert driver.returncode == 0, stdout[-3000:] + stderr[-3000:]
         assert "raylet" not in stderr and "Traceback" not in stderr, stderr[-3000:]  # -q: no Ray crash dump
         assert "testing-secret-value" not in stdout + stderr
