@@ -337,8 +337,10 @@ def test_two_node_cluster(tmp_path):
                 break
             time.sleep(1)
         assert alive == [LOOP, LOOP], probe.stdout + probe.stderr  # two nodes, both on loopback
+        # both nodes on this machine see one folder: --shared-fs, which bdgrid checks from each node
         r = subprocess.run([str(BIN / "bdgrid"), "run", str(tmp_path / "spec.yaml"), "--out", str(out), "-q",
-                            "--address", f"{LOOP}:{port}"], env=env, capture_output=True, text=True, timeout=400)
+                            "--address", f"{LOOP}:{port}", "--shared-fs"], env=env, capture_output=True, text=True,
+                           timeout=400)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "| BadNets" in r.stdout or "badnets" in r.stdout.lower()
         df = results.load(out)
