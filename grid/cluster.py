@@ -52,6 +52,10 @@ def check_artifacts(root: str, shared_fs: bool = False) -> None:
     """Refuse (ClusterError) a local artifact ``root`` that not every alive node can see."""
     if "://" in root and not root.startswith("file://"):
         return  # an object store: every node reaches it (with worker_env's credentials)
+    import ray
+
+    if not ray.is_initialized():
+        return  # no cluster joined (yet): nothing to check against
     nodes = alive_nodes()
     if len(nodes) <= 1:
         return
