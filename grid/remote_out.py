@@ -154,33 +154,39 @@ class RemoteOut:
     # ------------------------------------------------------------------ the two directions
 
     def pull(self) -> Path:
-        """Make the mirror equal to the remote prefix; returns the mirror folder."""
+        """Bring the remote's changes into the mirror; returns the mirror folder.
+
+        A file changed here since the last sync (a driver killed before its push) is kept, and
+        pushed by the next run, unless the remote changed it too (another machine). While a
+        driver of this machine holds the mirror (``bdgrid status`` beside ``bdgrid run``), the
+        mirror is the newest copy and nothing is pulled."""
         self.local.mkdir(parents=True, exist_ok=True)
-        man = self._manifest()
+        _MIRRORS[self.local.resolve()] = self
         remote = self._remote_files()
         self.found = len(remote)
+        if _driver_holds(self.local):
+            return self.local
+        man = self._manifest()
         local = self._local_files()
         get = []
         for rel, (size, mtime) in remote.items():
             m, st = man.get(rel), local.get(rel)
             same_remote = m is not None and m["size"] == size and m.get("mtime") in (None, mtime)
-            same_local = st is not None and m is not None and (st.st_size, st.st_mtime_ns) == (m["lsize"], m["lmtime"])
-            if same_remote and same_local:
+            if same_remote:
                 m["mtime"] = mtime  # a file we pushed: its remote time is known from this listing on
-            else:
+            if st is None or not same_remote:
                 get.append(rel)
         self._transfer(get, self._download)
-        for rel, (size, mtime) in remote.items():
-            if rel in get:
-                st = os.stat(self.local / rel)
-                man[rel] = {"size": size, "mtime": mtime, "lsize": st.st_size, "lmtime": st.st_mtime_ns}
+        for rel in get:
+            size, mtime = remote[rel]
+            st = os.stat(self.local / rel)
+            man[rel] = {"size": size, "mtime": mtime, "lsize": st.st_size, "lmtime": st.st_mtime_ns}
         for rel in [r for r in man if r not in remote]:  # deleted remotely (set aside, compacted)
             st = local.get(rel)
             if st is not None and (st.st_size, st.st_mtime_ns) == (man[rel]["lsize"], man[rel]["lmtime"]):
                 (self.local / rel).unlink(missing_ok=True)
             del man[rel]
         self._save()
-        _MIRRORS[self.local.resolve()] = self
         return self.local
 
     def push(self) -> int:
@@ -250,6 +256,26 @@ class RemoteOut:
             self.fs.delete_file(f"{self.base}/{rel}")
         except FileNotFoundError:
             pass
+
+
+def _driver_holds(folder: Path) -> bool:
+    """Whether a live driver of this machine holds ``folder``'s lock (``grid.lock``)."""
+    import fcntl
+
+    from grid.lock import LOCK_FILE
+
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def open_out(out: str, pull: bool = True, existing: bool = False) -> RemoteOut:

@@ -154,6 +154,19 @@ def test_mirror_follows_writes_and_deletions_both_ways(s3, tmp_path):
         assert a.push() == 2
         b.pull()
         assert sorted(p.name for p in (b.local / "results").iterdir()) == ["all.parquet"]
+        # b's driver wrote a file and died before pushing: a pull keeps it (the next run pushes it)
+        (b.local / "state.json").write_text("b's newer state")
+        (a.local / "state.json").write_text("a")
+        a.push()
+        (b.local / "state.json").write_text("b's newest state")
+        b.pull()
+        assert (b.local / "state.json").read_text() == "a"  # both changed: the remote's wins
+        (b.local / "state.json").write_text("unpushed")
+        b.pull()
+        assert (b.local / "state.json").read_text() == "unpushed"  # only this side changed: kept
+        b.push()
+        a.pull()
+        assert (a.local / "state.json").read_text() == "unpushed"
 
 
 def test_remote_store_answers_exists_from_one_listing(s3, caplog):
