@@ -185,9 +185,9 @@ def connect(address: str | None, num_cpus: int | None = None, connect_timeout: f
 
 
 def _quiet_ray() -> None:
-    """Ray's C++ core worker logs a dead worker's or node's report to this process's stderr and
-    its Python side prints "Unhandled error" for failed results nobody fetched; with -q neither
-    shows (bdgrid reports the stage). Set before ``ray.init``: the core worker reads them at start."""
+    """Ray reports a dead worker or node through its Python loggers and prints "Unhandled error"
+    for failed results nobody fetched; with -q neither shows (bdgrid reports the stage, and the
+    raylet's own output stays in its log files: ``log_to_driver=False``). Set before ``ray.init``."""
     import logging
 
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")

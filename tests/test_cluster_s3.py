@@ -272,10 +272,10 @@ def _kill_session(sid: int) -> None:
                 pass
 
 
-def _unshare_ok() -> str:
-    """'' when an unprivileged mount namespace with a tmpfs works here, else why not."""
+def _unshare_ok(where: Path) -> str:
+    """'' when an unprivileged mount namespace with a tmpfs over ``where`` works here, else why not."""
     try:
-        r = subprocess.run(["unshare", "-m", "-r", "sh", "-c", "mount -t tmpfs bdg /mnt && echo ok"],
+        r = subprocess.run(["unshare", "-m", "-r", "sh", "-c", f"mount -t tmpfs bdg {where} && echo ok"],
                            capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"unshare cannot run: {e}"
@@ -305,7 +305,7 @@ def _wait_for(cond, timeout: float, what: str, step: float = 0.5):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_two_nodes_s3_worker_killed_mid_run(s3, local_s3_run, tmp_path):
-    why = _unshare_ok()
+    why = _unshare_ok(tmp_path)
     if why:
         print(f"SKIP: {why}")
         pytest.skip(why)
