@@ -10,7 +10,6 @@ Where the kernel refuses unprivileged namespaces the cluster test is skipped wit
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal

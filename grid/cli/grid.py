@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from grid.cli.common import console, err, fail, load_spec_or_exit, local_gpus, out_dir, ray_session, run_folder
+from grid.cli.common import console, fail, load_spec_or_exit, local_gpus, out_dir, ray_session, run_folder
 from grid.lock import RunLocked
 from results.writer import WriteError
 
