@@ -227,6 +227,11 @@ def test_run_and_table_with_s3_out_and_artifacts(s3, local_s3_run):
     assert "BadNets" in t.stdout and "Blended" in t.stdout and "|" in t.stdout
     st = bdgrid(["status", "--out", uri], env2, timeout=300)
     assert st.returncode == 0 and "finished" in st.stdout, st.stdout + st.stderr
+    v = bdgrid(["verify", "--out", uri], env2, timeout=300)  # every artifact read back from S3 and checked
+    assert v.returncode == 0 and "all intact" in v.stdout and f"checked {N_STORED} artifact(s)" in v.stdout, v.stdout
+    p = bdgrid(["plot", "--out", uri, "--kind", "acc-asr"], env2, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert any(k.startswith("local/figures/") and k.endswith(".png") for k in keys_under(s3["client"], "local/"))
     again = bdgrid(["run", str(d / "spec.yaml"), "--out", uri, "-q", "--num-cpus", "2"], env2)
     assert again.returncode == 0, again.stderr[-3000:]
     assert " 0 run," in again.stdout and "0 failed" in again.stdout, again.stdout  # resumed from S3: nothing recomputed
