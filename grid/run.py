@@ -8,14 +8,22 @@
   shared by every dependent task) only when something needs it.
 - One Ray task per stage with ``num_cpus``/``num_gpus`` from the spec; a task is submitted when
   its parents have finished, with the data stage's ObjectRef as argument.
-- Faults: ``max_retries`` (Ray) re-runs a task whose worker died; an exception is retried up to
-  ``retries`` times by the driver, then the stage is marked failed, its traceback written to
+- Faults: system failures (the stage's worker process or its whole node died) are Ray's to retry:
+  ``max_retries=SYSTEM_RETRIES`` (3, Ray's own default), and a stage whose input dataset was lost
+  with its node is resubmitted by the driver (at most ``SYSTEM_RETRIES`` times); neither spends the
+  spec's ``retries``. An exception raised by the stage is retried up to ``retries`` times by the
+  driver, then the stage is marked failed, its traceback written to
   ``<out>/failures/<kind>-<key>.txt``, its descendants skipped, and the rest of the grid goes on.
   A stage attempt running longer than ``timeout`` seconds (counted from when it left Ray's queue)
   is cancelled and counts as a failure.
-- What defenses say: the warnings a prepare/defense stage raised in its worker are printed once
-  each, prefixed with the stage's label, on the run's console and appended to
-  ``<out>/warnings.log``; its ``ctx.log`` lines go to ``<out>/logs/<kind>-<key>.log``.
+- What stages leave behind is gathered by the driver, so a multi-node run's folder lists every
+  stage whichever node ran it: the worker writes its ``executed.log`` line and its failure log
+  into a private scratch folder and returns them; the driver appends them to ``<out>/executed.log``
+  and ``<out>/logs/``. The warnings a prepare/defense stage raised are printed once each, prefixed
+  with the stage's label, and appended to ``<out>/warnings.log``; its ``ctx.log`` lines go to
+  ``<out>/logs/<kind>-<key>.log``.
+- ``--out s3://...`` runs in a local mirror (``grid.remote_out``) that the runner pushes after
+  finished stages and state writes and at the end.
 - Progress: a rich bar (done/running/queued/failed, ETA; a task counts as running once a zero-CPU
   actor hears from it, queued before) and ``<out>/state.json`` for ``bdgrid status``.
 """
@@ -36,6 +44,9 @@ from grid.status import write_state
 from grid.store import ArtifactStore
 
 STORED = ("resource", "attack", "import", "prepare", "defense")  # kinds whose output is an artifact
+# Ray re-runs a task whose worker or node died this many times (Ray's own default for tasks),
+# apart from the spec's `retries`, which count exceptions the stage raised
+SYSTEM_RETRIES = 3
 
 
 @dataclass
@@ -140,24 +151,48 @@ def loopback_ip() -> str:
     return "127.0.0.2" if sys.platform.startswith("linux") else "127.0.0.1"
 
 
-def connect(address: str | None, num_cpus: int | None = None, connect_timeout: float = 10.0) -> bool:
-    """Start local Ray on loopback (default) or join ``address``; True when we started it (and stop it)."""
+def connect(address: str | None, num_cpus: int | None = None, connect_timeout: float = 10.0,
+            quiet: bool = False) -> bool:
+    """Start local Ray on loopback (default) or join ``address``; True when we started it (and stop it).
+
+    Every worker gets the driver's AWS variables (``grid.cluster.worker_env``) through the job's
+    ``runtime_env``, so nodes started without them still reach an ``s3://`` store. ``quiet``
+    keeps Ray's own reports (a dead worker's or node's crash dump, unhandled-error notices) off
+    the terminal: the stage that suffered is reported by bdgrid with its failure file."""
     import ray
+
+    from grid.cluster import worker_env
 
     if address not in (None, "", "local"):
         _check_reachable(address, connect_timeout)
     if ray.is_initialized():
         return False
+    if quiet:
+        _quiet_ray()
+    env = worker_env()
+    common = dict(log_to_driver=False, configure_logging=False,
+                  runtime_env={"env_vars": env} if env else None)
     if address in (None, "", "local"):
         _quiet_token_notice()
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), _node_ip_address=loopback_ip(),
-                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+                 include_dashboard=False, **common)
         return True
     host = _host_of(address)
     # a cluster on this machine's loopback (tests, a laptop): the driver's node is on loopback too
     local = {"_node_ip_address": host} if host.startswith("127.") else {}
-    ray.init(address=address, log_to_driver=False, configure_logging=False, **local)
+    ray.init(address=address, **common, **local)
     return True
+
+
+def _quiet_ray() -> None:
+    """Ray reports a dead worker or node through its Python loggers and prints "Unhandled error"
+    for failed results nobody fetched; with -q neither shows (bdgrid reports the stage, and the
+    raylet's own output stays in its log files: ``log_to_driver=False``). Set before ``ray.init``."""
+    import logging
+
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+    for name in ("ray", "ray._private", "ray.util"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _quiet_token_notice() -> None:
@@ -202,12 +237,33 @@ def _remote():
 
     from grid import stages
 
-    @ray.remote
+    @ray.remote(num_returns=2)
     def run_stage(stage: Stage, data, store_uri: str, env: dict, started=None):
+        """(the stage's output, its executed.log lines). What the stage writes under its "out"
+        goes to a scratch folder of this worker and comes back to the driver, who writes it into
+        the real run folder: that folder may not exist on this node."""
+        import shutil
+        import tempfile
+
         if started is not None:  # tell the driver this stage left Ray's queue (fire and forget)
             started.mark.remote(stage.key)
-        env = {**env, "node": ray.get_runtime_context().get_node_id()[:12]}
-        return stages.execute(stage, data, ArtifactStore(store_uri), env)
+        scratch = tempfile.mkdtemp(prefix="bdgrid-stage-")
+        env = {**env, "out": scratch, "node": ray.get_runtime_context().get_node_id()[:12]}
+        try:
+            try:
+                output = stages.execute(stage, data, ArtifactStore(store_uri), env)
+            except Exception as e:
+                log = Path(scratch) / "logs" / f"{stage.kind}-{stage.key}.log"
+                if log.exists():  # the stage's lines before it failed (``stages._Capture``)
+                    try:
+                        e.bdgrid_log = log.read_text()
+                    except (AttributeError, TypeError):
+                        pass  # an exception type that takes no attributes: the traceback alone then
+                raise
+            done = Path(scratch) / "executed.log"
+            return output, done.read_text() if done.exists() else ""
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     return run_stage
 
@@ -217,7 +273,7 @@ def _start_log():
     task may wait for a free CPU/GPU, and the progress bar should call it queued, not running."""
     import ray
 
-    @ray.remote(num_cpus=0)
+    @ray.remote(num_cpus=0, max_restarts=-1)  # restarted if its node dies: only progress marks are lost
     class StartLog:
         def __init__(self):
             self.keys: list[str] = []
@@ -367,7 +423,12 @@ class Runner:
         self.running: dict = {}  # ObjectRef -> key
         self.began: dict = {}  # key -> when its current attempt left Ray's queue (the timeout counts from here)
         self.attempts: dict = {}
+        self.lost: dict = {}  # key -> resubmissions after its input dataset was lost with a node
+        self.logs: dict = {}  # ObjectRef of a stage's output -> ObjectRef of its executed.log lines
         self.data_refs: dict = {}  # data stage key -> ObjectRef (kept while a child still needs it)
+        from grid.remote_out import mirror_of
+
+        self.remote = mirror_of(self.out)  # --out s3://...: pushed as stages finish (see poll, close)
 
     @property
     def status(self) -> dict:
@@ -415,10 +476,11 @@ class Runner:
                 self._submit(dk)
             return  # submitted when the data stage finishes (see poll)
         data = self.data_refs.get(dk) if dk else None
-        ref = self.run_stage.options(num_cpus=s.cpus, num_gpus=s.gpus, max_retries=self.spec.retries,
-                                     retry_exceptions=False, name=s.label).remote(s, data, self.store.uri, self.env,
-                                                                                 self.start_log)
+        ref, log = self.run_stage.options(num_cpus=s.cpus, num_gpus=s.gpus, max_retries=SYSTEM_RETRIES,
+                                          retry_exceptions=False, name=s.label).remote(s, data, self.store.uri,
+                                                                                       self.env, self.start_log)
         self.running[ref] = key
+        self.logs[ref] = log
         self.began.pop(key, None)
         self.prog.set(key, "queued")
 
@@ -470,17 +532,22 @@ class Runner:
         children = self.plan.children()
         for ref in done_refs:
             key = self.running.pop(ref)
+            log_ref = self.logs.pop(ref)
             t_start = self.began.pop(key, None)
             s = self.plan.stages[key]
             try:
                 output = ray.get(ref)
                 if s.kind == "eval":
                     stages.write_rows(self.out, s, output)
+                self._append("executed.log", ray.get(log_ref, timeout=60))
             except Exception as e:  # RayTaskError (exception in the stage), WorkerCrashedError (retries spent), cancel
+                if self._lost_input(key, e):
+                    continue
                 self.attempts[key] = self.attempts.get(key, 0) + 1
+                self._keep_failure_log(s, e)
                 if isinstance(e, (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)):
-                    # Ray already re-ran the dead worker's task `max_retries` times: retrying here
-                    # too would multiply the attempts (1 + retries)^2
+                    # Ray already re-ran the task SYSTEM_RETRIES times after its worker or node died:
+                    # the spec's retries are for exceptions, and retrying here would multiply the attempts
                     self.attempts[key] = spec.retries + 1
                 timed_out = spec.timeout and t_start is not None and time.time() - t_start > spec.timeout
                 cause = getattr(e, "cause", None) or e
@@ -511,7 +578,52 @@ class Runner:
             if all(self.status.get(c) not in ("pending", "queued", "running") for c in children[dk]):
                 del self.data_refs[dk]
         self.prog.update()
+        self._push()
         return ended
+
+    def _lost_input(self, key: str, e: Exception) -> bool:
+        """A stage that failed because the dataset it reads was lost with its node (and Ray could
+        not rebuild it) is resubmitted with the data stage, not counted against ``retries``;
+        True when it was (at most SYSTEM_RETRIES times)."""
+        ray = self._ray
+        cause = getattr(e, "cause", None)
+        if not (isinstance(e, ray.exceptions.ObjectLostError) or isinstance(cause, ray.exceptions.ObjectLostError)):
+            return False
+        if self.lost.get(key, 0) >= SYSTEM_RETRIES:
+            return False
+        self.lost[key] = self.lost.get(key, 0) + 1
+        for p in self.plan.stages[key].parents:
+            self.data_refs.pop(p, None)  # _submit loads it again
+        self.prog.set(key, "pending")
+        self._submit(key)
+        return True
+
+    def _keep_failure_log(self, s: Stage, e: Exception) -> None:
+        text = getattr(getattr(e, "cause", None), "bdgrid_log", None) or getattr(e, "bdgrid_log", None)
+        if text:
+            (self.out / "logs").mkdir(exist_ok=True)
+            (self.out / "logs" / f"{s.kind}-{s.key}.log").write_text(text)
+
+    def _append(self, name: str, text: str) -> None:
+        if text:
+            with open(self.out / name, "a") as f:  # the driver is the only writer of its folder
+                f.write(text)
+
+    def _push(self, force: bool = False) -> None:
+        """--out s3://...: bring what this run wrote to the remote (at most every few seconds;
+        a failed push is retried at the next one and, at close, raises)."""
+        if self.remote is None:
+            return
+        from grid.remote_out import RemoteOutError
+
+        try:
+            self.remote.maybe_push(force)
+        except RemoteOutError as e:
+            if force:
+                raise
+            if not getattr(self, "_push_warned", False):
+                self.console.print(f"[yellow]warning[/] {e}; retried at the next push", highlight=False)
+                self._push_warned = True
 
     def close(self) -> RunResult:
         from grid import lock
@@ -524,6 +636,7 @@ class Runner:
                 self._ray.kill(self.start_log)
             except Exception:  # noqa: BLE001 - already gone with its node
                 pass
+            self._push(force=True)
         finally:
             lock.release(self._lock)
         return self.res
@@ -571,13 +684,16 @@ def save_spec(ls: LoadedSpec, out: Path, artifacts: str | None = None) -> None:
 
 
 def open_runner(ls: LoadedSpec, out: str | Path, plan: Plan, *, artifacts: str | None = None,
-                show_progress: bool = True, console=None) -> Runner:
-    """A Runner on the connected Ray cluster (see ``connect``) for ``plan``, writing under ``out``."""
+                show_progress: bool = True, console=None, shared_fs: bool = False) -> Runner:
+    """A Runner on the connected Ray cluster (see ``connect``) for ``plan``, writing under ``out``.
+    On a cluster of several nodes a local artifact root must be shared (``grid.cluster``)."""
+    from grid.cluster import check_artifacts
     from results.writer import clean_stale_tmp, set_aside_damaged
 
     out = ensure_writable(out)  # a read-only or full disk: one message before Ray does any work
     import_plugins(ls.spec.imports, [str(ls.base_dir.resolve())])  # validation reported any failure
     store = ArtifactStore(artifact_root(ls, out, artifacts))
+    check_artifacts(store.uri, shared_fs)  # ClusterError before any compute
     runner = Runner(ls, plan, out, store, show_progress=show_progress, console=console)
     save_spec(ls, out, store.uri)
     # the driver holds the folder now: what a crash left (temporary files of dead processes,
@@ -593,11 +709,12 @@ def open_runner(ls: LoadedSpec, out: str | Path, plan: Plan, *, artifacts: str |
 
 
 def execute_plan(ls: LoadedSpec, out: str | Path, *, artifacts: str | None = None, show_progress: bool = True,
-                 console=None, plan: Plan | None = None) -> RunResult:
+                 console=None, plan: Plan | None = None, shared_fs: bool = False) -> RunResult:
     """Run every needed stage of ``ls``'s grid (or of ``plan``) on the connected Ray cluster."""
     import_plugins(ls.spec.imports, [str(ls.base_dir.resolve())])
     plan = plan or build_plan(ls)
-    runner = open_runner(ls, out, plan, artifacts=artifacts, show_progress=show_progress, console=console)
+    runner = open_runner(ls, out, plan, artifacts=artifacts, show_progress=show_progress, console=console,
+                         shared_fs=shared_fs)
     try:
         runner.want([s.key for s in plan.of_kind("eval")])
         while runner.running:

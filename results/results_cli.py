@@ -15,6 +15,30 @@ def _fail(msg: str, code: int = 2):
     raise typer.Exit(code)
 
 
+def _folder(out: str) -> Path:
+    """The run folder: ``out`` itself, or for ``s3://...`` its local mirror pulled first
+    (``grid.remote_out``; the figures and report written there are pushed back by ``_push``)."""
+    from grid.remote_out import RemoteOutError, is_remote, open_out
+
+    if not is_remote(out):
+        return Path(out)
+    try:
+        return open_out(out, existing=True).local
+    except RemoteOutError as e:
+        _fail(str(e))
+
+
+def _push(folder: Path) -> None:
+    from grid.remote_out import RemoteOutError, mirror_of
+
+    remote = mirror_of(folder)
+    if remote is not None:
+        try:
+            remote.push()
+        except RemoteOutError as e:
+            _fail(f"{e} (the files are in {folder})", code=1)
+
+
 def _filters(items):
     from results.tables import parse_filters
 
@@ -25,7 +49,7 @@ def _filters(items):
 
 
 def table(
-    out: Path = typer.Option(..., "--out", "-o", help="Run folder (holds results/*.parquet)."),
+    out: str = typer.Option(..., "--out", "-o", help="Run folder (holds results/*.parquet) or an s3:// --out."),
     fmt: str = typer.Option("md", "--format", "-f", help="md, latex (booktabs), csv (tidy: one line per cell and metric) or html."),
     metrics: str = typer.Option("acc,asr,der", help="Comma-separated: acc, asr, ra, der, bd_acc, bd_asr, bd_ra."),
     rows: str = typer.Option("attack", help="Column(s) for the table rows, comma-separated (e.g. attack,pratio)."),
@@ -43,6 +67,7 @@ def table(
 
     if fmt not in FORMATS:
         _fail(f"unknown format '{fmt}'; valid: {', '.join(FORMATS)}")
+    out = _folder(out)
     if not (out / "results").is_dir():
         _fail(f"no results in {out} (expected {out / 'results'}/*.parquet)")
     df, report = load_report(out)  # damaged files are named on stderr and left out
@@ -69,7 +94,7 @@ def table(
 
 
 def plot(
-    out: Path = typer.Option(..., "--out", "-o", help="Run folder (holds results/ and curves/)."),
+    out: str = typer.Option(..., "--out", "-o", help="Run folder (holds results/ and curves/) or an s3:// --out."),
     kind: str = typer.Option(..., "--kind", help="acc-asr, tsbd-n or curves."),
     dest: Optional[Path] = typer.Option(None, help="Folder for the PNG and PDF (default <out>/figures)."),
     filter_: Optional[List[str]] = typer.Option(None, "--filter", help="column=value[,value] (repeatable)."),
@@ -82,6 +107,7 @@ def plot(
 
     if kind not in KINDS:
         _fail(f"unknown plot kind '{kind}'; valid: {', '.join(KINDS)}")
+    out = _folder(out)
     if not out.is_dir():
         _fail(f"no run directory {out}")
     try:
@@ -93,12 +119,14 @@ def plot(
         _fail(f"cannot write the figures to {where}: {e.strerror or e}; choose a writable folder with --dest", code=1)
     except ValueError as e:
         _fail(str(e))
+    if dest is None:
+        _push(out)  # the figures went into an s3:// out's mirror
     for p in paths:
         typer.echo(str(p))
 
 
 def report(
-    out: Path = typer.Option(..., "--out", "-o", help="Run folder."),
+    out: str = typer.Option(..., "--out", "-o", help="Run folder or an s3:// --out."),
     output: Optional[Path] = typer.Option(None, "--output", "-O", help="The HTML file (default <out>/report.html)."),
 ):
     """One self-contained HTML page of a run: tables, figures, failures, warnings, diagnostics,
@@ -106,10 +134,13 @@ def report(
     from results.report import write
     from results.writer import WriteError
 
+    out = _folder(out)
     if not out.is_dir():
         _fail(f"no run folder {out}")
     try:
         path = write(out, output)
     except WriteError as e:
         _fail(f"{e}; write it elsewhere with --output", code=1)
+    if output is None:
+        _push(out)
     typer.echo(str(path))

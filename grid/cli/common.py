@@ -53,9 +53,18 @@ def load_spec_or_exit(spec_file: str, gpus: float | None, max_stages: int | None
     return ls
 
 
-def out_dir(ls, out: str | None) -> Path:
+def out_dir(ls, out: str | None, remote_ok: bool = False) -> Path:
     """--out (relative to the current folder, as any command-line path), else the spec's ``out``
-    (relative to the spec file, as every path in a spec), else runs/<name> in the current folder."""
+    (relative to the spec file, as every path in a spec), else runs/<name> in the current folder.
+    An ``s3://`` one (``remote_ok``: the commands that support it) is its pulled local mirror
+    (``grid.remote_out``); elsewhere it is refused before anything runs."""
+    target = out or ls.spec.out
+    if target and is_remote_out(target):
+        if not remote_ok:
+            fail(f"--out {shown_uri(target)}: this command needs a local (or shared) folder; an s3:// --out works with "
+                 f"`bdgrid run`, `status`, `table`, `plot`, `report` and `verify` (`bdgrid tune` keeps its Optuna "
+                 f"journal under --out, which needs file locks)")
+        return remote_folder(target, writable=True).local
     if out:
         return Path(out)
     if ls.spec.out:
@@ -64,19 +73,51 @@ def out_dir(ls, out: str | None) -> Path:
     return Path(f"runs/{ls.spec.name}")
 
 
+def is_remote_out(out) -> bool:
+    from grid.remote_out import is_remote
+
+    return is_remote(out)
+
+
+def shown_uri(uri: str) -> str:
+    from grid.remote_out import shown
+
+    return shown(uri)
+
+
+def remote_folder(uri: str, writable: bool = False, existing: bool = False):
+    """The ``RemoteOut`` of an s3:// --out with its mirror pulled; one message (exit 2) when the URI,
+    the bucket or the credentials do not work. ``writable``: also prove an object can be written."""
+    from grid.remote_out import RemoteOutError, open_out
+
+    try:
+        r = open_out(uri, existing=existing)
+        if writable:
+            r.prove_writable()
+    except RemoteOutError as e:
+        fail(str(e))
+    return r
+
+
+def run_folder(out: str) -> Path:
+    """A finished or running run's folder for the commands that read it: a local path as given, or
+    the pulled mirror of an s3:// one."""
+    return remote_folder(out, existing=True).local if is_remote_out(out) else Path(out)
+
+
 def local_gpus() -> int:
     import torch
 
     return torch.cuda.device_count()
 
 
-def ray_session(address: str | None, num_cpus: int | None = None):
+def ray_session(address: str | None, num_cpus: int | None = None, quiet: bool = False):
     """Start or join Ray (a clear message, no traceback, when the cluster cannot be reached);
     returns True when this process started it (and must shut it down)."""
     from grid.run import connect
 
     try:
-        return connect(address, num_cpus)
+        return connect(address, num_cpus, quiet=quiet)
     except (ConnectionError, ValueError) as e:
         fail(str(e))
 

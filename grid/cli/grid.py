@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from grid.cli.common import console, err, fail, load_spec_or_exit, local_gpus, out_dir, ray_session
+from grid.cli.common import console, fail, load_spec_or_exit, local_gpus, out_dir, ray_session, run_folder
 from grid.lock import RunLocked
 from results.writer import WriteError
 
@@ -39,7 +39,8 @@ def validate_cmd(
 
 def run_cmd(
     spec_file: str = typer.Argument(..., help="Grid spec (YAML)."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder (default: the spec's 'out', else runs/<name>)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder or s3://bucket/prefix[?endpoint_override=HOST:PORT"
+                                                                 "&scheme=http] (default: the spec's 'out', else runs/<name>)."),
     address: Optional[str] = typer.Option(None, help="Join a Ray cluster: 'auto' (the one on this node) or ray://host:10001. "
                                                      "Default: start a local Ray bounded to this machine's cores."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (cells, stages per kind, done/to run) and stop."),
@@ -48,18 +49,27 @@ def run_cmd(
                                    help="Refuse GPU stages when the cluster has no GPU now (turn off for autoscaling GPU workers)."),
     artifacts: Optional[str] = typer.Option(None, help="Artifact root URI (local path, s3://, gs://); default: the spec's "
                                                        "'artifacts', else $BDGRID_ARTIFACTS, else <out>/artifacts."),
+    shared_fs: bool = typer.Option(False, "--shared-fs", help="The local artifact path is on a file system every node of the "
+                                                              "cluster mounts (NFS); bdgrid checks it from every node."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress bar."),
     max_stages: Optional[int] = typer.Option(None, help="Refuse a grid of more stages than this (default 10,000,000)."),
 ):
     """Run a grid: every cell's backdoored model once, every defense on it, every evaluation.
     Resumes by default: finished stages are skipped, failed ones retried."""
+    import os
+
+    from grid.cluster import ClusterError
     from grid.plan import build_plan
+    from grid.remote_out import RemoteOutError, mirror_of, shown
     from grid.run import artifact_root, cluster_gpus, ensure_writable, execute_plan, needed_stages, paper_table
     from grid.store import ArtifactStore
     from grid.validate import validate
 
     ls = load_spec_or_exit(spec_file, None, max_stages, data_missing_ok=dry_run)
-    out_path = out_dir(ls, out)
+    out_path = out_dir(ls, out, remote_ok=True)
+    remote = mirror_of(out_path)
+    if remote is not None and not (artifacts or ls.spec.artifacts or os.environ.get("BDGRID_ARTIFACTS")):
+        artifacts = remote.child_uri("artifacts")  # beside the results, not in the local mirror
     if dry_run:
         plan = build_plan(ls)
         store = ArtifactStore(artifact_root(ls, out_path, artifacts))
@@ -83,19 +93,19 @@ def run_cmd(
     except WriteError as e:
         fail(str(e).replace("; nothing was written under that name (what was there before is kept)", "")
              + "; choose a writable --out", 1)
-    started = ray_session(address, num_cpus)
+    started = ray_session(address, num_cpus, quiet)
     try:
         if gpu_check:
             problems = [p for p in validate(ls, gpus_available=cluster_gpus()) if p.path[:1] == ("resources",)]
             if problems:
                 fail("\n  ".join(p.render(ls.file) for p in problems))
-        if started and address and "://" not in artifact_root(ls, out_path, artifacts):
-            err.print("[yellow]note:[/] artifacts go to a local path; on a multi-node cluster it must be shared "
-                      "(NFS) or a URI (--artifacts s3://...)")
         try:
-            res = execute_plan(ls, out_path, artifacts=artifacts, show_progress=not quiet, console=console)
-        except RunLocked as e:
-            fail(str(e), 1)
+            res = execute_plan(ls, out_path, artifacts=artifacts, show_progress=not quiet, console=console,
+                               shared_fs=shared_fs)
+        except (RunLocked, ClusterError) as e:
+            fail(str(e), 1 if isinstance(e, RunLocked) else 2)
+        except RemoteOutError as e:  # the last push: every result is in the local mirror
+            fail(f"{e}\nThe run's files are in {out_path}; rerun the same command to push them.", 1)
         except WriteError as e:  # a full or read-only disk: say where; finished stages are on disk
             fail(f"{e}\nEvery stage that finished before is kept; free space (or fix the permissions) and rerun "
                  f"`bdgrid run` to resume.", 1)
@@ -107,7 +117,8 @@ def run_cmd(
     s = res.plan.counts()
     console.print(f"grid '{res.plan.grid}': {res.plan.cells} cells, {sum(s.values())} stages: "
                   f"{len(res.done)} run, {len(res.cached)} already done, {len(res.failed)} failed, "
-                  f"{len(res.skipped)} skipped, in {res.wall_s:.1f}s -> {res.out}")
+                  f"{len(res.skipped)} skipped, in {res.wall_s:.1f}s -> "
+                  + (f"{shown(remote.uri)} (local mirror {res.out})" if remote else str(res.out)), highlight=False)
     if res.recomputed_corrupt:
         console.print(f"[yellow]recomputed {len(res.recomputed_corrupt)} corrupt artifact(s)[/]")
     for key, e in res.failed.items():
@@ -118,10 +129,12 @@ def run_cmd(
         raise typer.Exit(1)
 
 
-def status_cmd(out: str = typer.Option(..., "--out", "-o", help="The output folder of a running or finished grid.")):
+def status_cmd(out: str = typer.Option(..., "--out", "-o", help="The output folder (or s3:// --out) of a running or "
+                                                                "finished grid.")):
     """Show a grid's progress from disk (works from another terminal while it runs)."""
     from grid.status import read_state, render
 
+    out = run_folder(out)
     st = read_state(out)
     if st is None:
         fail(f"no grid state in {out} (expected {Path(out) / 'state.json'}; has `bdgrid run` started there?)")
@@ -138,7 +151,7 @@ def status_cmd(out: str = typer.Option(..., "--out", "-o", help="The output fold
 
 
 def verify_cmd(
-    out: Path = typer.Option(..., "--out", "-o", help="The run folder to check."),
+    out: str = typer.Option(..., "--out", "-o", help="The run folder (or s3:// --out) to check."),
     artifacts: Optional[str] = typer.Option(None, help="Artifact root (default: the run's, from <out>/spec.yaml)."),
     repair: bool = typer.Option(False, "--repair", help="Set aside what is damaged and recompute it (runs the "
                                                         "run's saved spec, as `bdgrid run` would)."),
@@ -146,10 +159,12 @@ def verify_cmd(
 ):
     """Check every artifact and result file of a run (checksums, the safe loader, row invariants);
     exit 1 if anything is damaged. Without --repair nothing changes."""
+    from grid.cluster import ClusterError
     from grid.run import execute_plan, run_artifact_root
     from grid.store import ArtifactStore
     from grid.verify import check, saved_spec, set_aside
 
+    out = run_folder(out)
     if not out.is_dir():
         fail(f"no run folder {out}")
     artifacts = artifacts or run_artifact_root(out)
@@ -177,6 +192,8 @@ def verify_cmd(
         res = execute_plan(ls, out, artifacts=artifacts, show_progress=False, console=console)
     except RunLocked as e:
         fail(str(e), 1)
+    except ClusterError as e:
+        fail(str(e))
     finally:
         if started:
             import ray

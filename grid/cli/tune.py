@@ -31,6 +31,7 @@ def tune(
     """Tune a defense's parameters with Optuna on the validation split; every trial runs as the
     grid's own stages (models, resources and shared prepare stages are reused). A rerun resumes
     the study; the chosen parameters go to <out>/tune/<study>/best.yaml."""
+    from grid.cluster import ClusterError
     from grid.run import execute_plan, open_runner
     from grid.tune.driver import choose, report_evals, run_study, tune_plan
     from grid.tune.plots import write_plots
@@ -55,6 +56,8 @@ def tune(
                                      console=err if as_json else console)
             except RunLocked as e:
                 fail(str(e), 1)
+            except ClusterError as e:  # a local artifact path on several nodes (grid.cluster)
+                fail(str(e))
             try:
                 summary = run_study(tu, runner, plan, say)
             finally:
