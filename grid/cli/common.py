@@ -43,7 +43,7 @@ def load_spec_or_exit(spec_file: str, gpus: float | None, max_stages: int | None
     ls, problems = load_spec(spec_file)
     problems = every_problem(ls, problems, gpus, max_stages or MAX_STAGES)
     if data_missing_ok and ls.spec is not None:
-        missing = [p for p in problems if p.path[:1] == ("datasets",) and ("root" in p.path or "root:" in p.msg)]
+        missing = [p for p in problems if p.path[:1] in (("datasets",), ("models",)) and ("root" in p.path or "root:" in p.msg)]
         for p in missing:
             err.print(f"[yellow]missing data[/] (a real run needs it): {p.render(ls.file)}", highlight=False)
         problems = [p for p in problems if p not in missing]
