@@ -73,3 +73,16 @@ def test_a_runs_model_exported_as_a_backdoorbench_record_imports_back_with_the_s
     r = CliRunner().invoke(app, ["export-model", str(tmp_path / "def"), "--out", str(out), "--key", ft["defense_key"],
                                  "--format", "backdoorbench"])
     assert r.exit_code == 0 and (tmp_path / "def" / "defense_result.pt").exists(), r.output
+    # the whole run at once: one record per backdoored model, each purified model under its record
+    r = CliRunner().invoke(app, ["export-model", str(tmp_path / "all"), "--out", str(out), "--all",
+                                 "--format", "backdoorbench"])
+    assert r.exit_code == 0, r.output
+    (rec,) = (tmp_path / "all").iterdir()
+    assert rec.name == f"badnets_0_1_tiny_cnn_synthetic_seed{int(none['seed'])}"
+    again = run_imported(load_record(rec), "none")
+    assert all(again[f"bd_{k}"] == got[f"bd_{k}"] for k in ("acc", "asr", "ra"))
+    from defense.external.safe_load import safe_torch_load
+
+    one, two = (safe_torch_load(p) for p in (rec / "defense" / "ft" / "defense_result.pt", tmp_path / "def" / "defense_result.pt"))
+    assert one["model"].keys() == two["model"].keys() and all(one["model"][k].equal(two["model"][k]) for k in one["model"])
+    assert "--all" in CliRunner().invoke(app, ["export-model", str(tmp_path / "x"), "--out", str(out), "--all"]).output

@@ -13,7 +13,11 @@ from grid.cli.common import err, fail
 def export_model(
     output: Path = typer.Argument(..., metavar="OUTPUT", help="The .pt file to write."),
     out: Path = typer.Option(..., "--out", "-o", help="The run folder the model belongs to."),
-    key: str = typer.Option(..., "--key", help="A row's defense_key (purified model) or model_key (backdoored model)."),
+    key: Optional[str] = typer.Option(None, "--key", help="A row's defense_key (purified model) or model_key "
+                                                          "(backdoored model)."),
+    every: bool = typer.Option(False, "--all", help="With --format backdoorbench: every model of the run, OUTPUT a "
+                                                    "folder of records (<attack>_<pratio>_<arch>_<dataset>_seed<k>/, "
+                                                    "each purified model under its record's defense/<label>/)."),
     artifacts: Optional[str] = typer.Option(None, help="Artifact root (default: the run's, from <out>/spec.yaml)."),
     fmt: str = typer.Option("state_dict", "--format", help="state_dict (a .pt of tensors) or backdoorbench (OUTPUT is "
                                                              "a folder: a backdoored model as a record, attack_result.pt "
@@ -26,6 +30,13 @@ def export_model(
 
     artifacts = artifacts or run_artifact_root(out)
     store = ArtifactStore(artifacts)
+    if every:
+        if fmt != "backdoorbench" or key:
+            fail("--all exports every model of the run in BackdoorBench's layout: use it with --format backdoorbench "
+                 "and without --key")
+        return _all_to_backdoorbench(out, store, output)
+    if not key:
+        fail("give --key (a row's defense_key or model_key), or --all with --format backdoorbench")
     for kind in ("defense", "attack", "import"):  # import: a model of a models: entry (grid.models)
         if store.exists(kind, key):
             break
@@ -87,3 +98,33 @@ def _to_backdoorbench(out: Path, kind: str, key: str, store, dest: Path) -> None
     except RecordProblem as e:
         fail(str(e))
     err.print(f"wrote the BackdoorBench record {path} (attack_result.pt, bd_test_dataset/, info.pickle)", highlight=False)
+
+
+def _safe(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", str(text)).strip("_") or "x"
+
+
+def _all_to_backdoorbench(out: Path, store, dest: Path) -> None:
+    """Every backdoored model of the run as a record and every purified one as its record's
+    ``defense/<label>/defense_result.pt``: the layout BackdoorBench's defense scripts read
+    (``record/<attack>_<pratio>/``), one folder per cell since a grid has many per attack."""
+    import results
+
+    df = results.load(out)
+    if df.empty or "model_key" not in df.columns:
+        fail(f"no result rows in {out}: run the grid first")
+    cells = df.drop_duplicates("model_key")
+    n_def = 0
+    for _, row in cells.iterrows():
+        kind = "import" if store.exists("import", row["model_key"]) else "attack"
+        name = "_".join(_safe(v) for v in (row["attack"], str(row["pratio"]).replace(".", "_"), row["arch"],
+                                             row["dataset"], f"seed{int(row['seed'])}"))
+        rec = dest / name
+        _to_backdoorbench(out, kind, row["model_key"], store, rec)
+        mine = df[(df["model_key"] == row["model_key"]) & df["defense_key"].notna() & (df["defense_key"] != "")]
+        for _, d in mine.drop_duplicates("defense_key").iterrows():
+            _to_backdoorbench(out, "defense", d["defense_key"], store, rec / "defense" / _safe(d["defense"]))
+            n_def += 1
+    err.print(f"wrote {len(cells)} record(s) and {n_def} defense result(s) under {dest}", highlight=False)
