@@ -357,3 +357,23 @@ def test_tsbd_gpu_path_on_cpu_removes_the_same_backdoor(badnets_model):
     assert o_on.diagnostics["weights_zeroed"] > 0 and o_off.diagnostics["weights_zeroed"] > 0
     assert not torch.equal(next(o_on.model.parameters()), next(o_off.model.parameters()))
     assert next(o_on.model.parameters()).dtype == torch.float32  # weights stay fp32 under autocast
+
+
+def test_gpu_check_calls_every_script_with_flags_it_accepts():
+    """bench/gpu_check.sh runs only on a GPU machine, so a renamed or removed flag would first show
+    there: every ``--flag`` it passes to a bench script must be one that script's --help lists."""
+    import re
+
+    text = (ROOT / "bench" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    calls: dict = {}
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        for m in re.finditer(r"bench/(\w+)\.py(.*)", line):
+            calls.setdefault(m.group(1), set()).update(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", m.group(2)))
+    assert {"train_speed", "tsbd_speed", "grid_packing", "project_grid"} <= set(calls), calls
+    for script, flags in calls.items():
+        r = _bench(f"{script}.py", "--help", timeout=120)
+        assert r.returncode == 0, r.stderr
+        missing = {f for f in flags if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", r.stdout)}
+        assert not missing, f"gpu_check.sh passes {sorted(missing)} to bench/{script}.py, which does not accept them"
