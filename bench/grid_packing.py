@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 from _common import TreeTimer, alternating, fmt_s, fmt_spread, machine, spread, write_json
