@@ -153,3 +153,78 @@ def fmt_spread(s: dict, unit: str = "x", digits: int = 2) -> str:
     if s["median"] is None:
         return "-"
     return f"{s['median']:.{digits}f}{unit} (min {s['min']:.{digits}f}, max {s['max']:.{digits}f}, n {s['n']})"
+
+
+
+def tree_cpu(root: int | None = None) -> dict:
+    """{(pid, start tick): CPU seconds (user + system)} of process ``root`` (default: this one)
+    and every live descendant, from /proc (Linux; elsewhere only this process, from
+    ``time.process_time``). A local Ray session's daemons (GCS, raylet, agents) are children of
+    the driver that started it and its workers are the raylet's children, so this covers the
+    whole session; DataLoader workers likewise. Exited children's time (``cutime``) is left out:
+    the raylet does not reap its workers in a way that adds it, so it would count some and not
+    others; ``TreeTimer`` samples instead."""
+    root = os.getpid() if root is None else root
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    stats: dict = {}
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return {(root, 0): time.process_time()}
+    for pid in pids:
+        try:
+            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        # fields after the name: state(0) ppid(1) ... utime(11) stime(12) ... starttime(19)
+        stats[pid] = (int(f[1]), int(f[19]), (int(f[11]) + int(f[12])) / tick)
+    if root not in stats:
+        return {(root, 0): time.process_time()}
+    children: dict = {}
+    for pid, (ppid, _, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        out[(pid, stats[pid][1])] = stats[pid][2]
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+class TreeTimer:
+    """``with TreeTimer() as t: ...``: wall seconds (``t.s``) and CPU seconds of this process and
+    all its descendants over the block (``t.cpu``): per process, its CPU time at the last sample
+    minus that at the start (0 for one started inside the block). A background thread samples the
+    tree every ``every`` seconds, so a process that exits inside the block (a Ray actor killed
+    at the end of a run) is counted up to its last sample: at most ``every`` seconds of CPU
+    missed per such process. The sampler's own CPU is charged to the block (both sides alike)."""
+
+    def __init__(self, every: float = 0.25):
+        self.every = every
+
+    def _sample(self):
+        for k, v in tree_cpu().items():
+            self.last[k] = v
+
+    def _loop(self):
+        while not self.stop.wait(self.every):
+            self._sample()
+
+    def __enter__(self):
+        import threading
+
+        self.first = tree_cpu()
+        self.last = dict(self.first)
+        self.t0 = time.perf_counter()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.s = time.perf_counter() - self.t0
+        self.stop.set()
+        self.thread.join()
+        self._sample()
+        self.cpu = sum(v - self.first.get(k, 0.0) for k, v in self.last.items())
+        return False

@@ -11,11 +11,15 @@ float and per-channel normalisation, one shuffled epoch per measurement.
   ``DataLoader(shuffle=True)`` with num_workers 0 and 2 (persistent workers, so worker start-up
   is not charged to the timed epoch); the per-image pipeline BackdoorBench's training uses.
 
-Each number is the median over ``--repeats`` timed epochs after one warm-up epoch; both run
-in this one process, side by side, so machine load affects them alike (the header prints the
-load average: on a shared machine read the ratio, not the absolute numbers).
+Side by side in this one process: for each batch size the pipelines (ours, torchvision with
+each worker count) are warmed up with one untimed epoch, then each runs one timed epoch per
+repetition, the order alternating (``--reps``, default 3: A B C, C B A, A B C), so that a drift
+in machine load falls on all of them alike. Images per wall second and per CPU second (CPU time
+of this process and of the DataLoader's worker processes: ``_common.TreeTimer``), and every
+ratio ours / torchvision taken within a repetition, printed as median (min, max, n). On a
+shared machine read the CPU ratio: wall time measures the other jobs too.
 
-    .venv/bin/python bench/data_pipeline.py [--n 10000] [--repeats 3] [--threads 2] [--json out.json]
+    .venv/bin/python bench/data_pipeline.py [--n 10000] [--reps 3] [--threads 1] [--json out.json]
 """
 from __future__ import annotations
 
@@ -23,16 +27,17 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when imported from elsewhere
 
+from _common import TreeTimer, alternating, fmt_spread, spread  # noqa: E402
+from _common import machine as machine_line  # noqa: E402
 from defense.data import load_dataset  # noqa: E402
 from defense.train import index_batches, make_batch  # noqa: E402
 
@@ -86,38 +91,12 @@ def loader_epoch(loader) -> int:
     return n
 
 
-def worker_pids(loader) -> list[int]:
-    """PIDs of a persistent DataLoader's worker processes (private attribute; [] if absent)."""
-    it = getattr(loader, "_iterator", None)
-    return [w.pid for w in getattr(it, "_workers", [])] if it is not None else []
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """This process's CPU time (all threads) plus that of the given child processes."""
-    total = time.process_time()
-    tick = os.sysconf("SC_CLK_TCK")
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
-
-
-def measure(epoch_fn, repeats: int, pids_fn=lambda: []) -> tuple[float, float]:
-    """Median images per wall second and per CPU second over ``repeats`` timed epochs, after
-    one warm-up epoch. CPU seconds count every thread and worker process of the pipeline, so
-    that ratio holds on a loaded shared machine, where wall time mostly measures the load."""
-    epoch_fn()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        pids = pids_fn()
-        t, c = time.perf_counter(), cpu_seconds(pids)
+def timed_epoch(epoch_fn) -> dict:
+    """One epoch: images per wall second and per CPU second (this process and its children:
+    the DataLoader's workers are persistent, so they live through the whole epoch)."""
+    with TreeTimer(every=60.0) as t:  # no process exits inside an epoch: the end sample suffices
         n = epoch_fn()
-        wall.append(n / (time.perf_counter() - t))
-        cpu.append(n / max(cpu_seconds(pids) - c, 1e-9))
-    return statistics.median(wall), statistics.median(cpu)
+    return {"img_per_s": n / t.s, "img_per_cpu_s": n / max(t.cpu, 1e-9), "wall_s": t.s, "cpu_s": t.cpu}
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,7 +132,7 @@ def machine() -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=10_000, help="synthetic training images (default 10k)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed epochs per configuration (median)")
+    ap.add_argument("--reps", type=int, default=3, help="timed epochs of each pipeline, alternating order (>= 3)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads here (1: on a shared, oversubscribed CPU more threads only spin)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
@@ -164,7 +143,9 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     data, _ = load_dataset("synthetic", n_train=args.n, n_test=10)
     head = machine()
-    print(f"# data pipeline benchmark: synthetic {args.n} x 3x32x32, crop(pad 4) + flip + normalise")
+    print(f"# data_pipeline: {machine_line()}")
+    print(f"# synthetic {args.n} x 3x32x32, crop(pad 4) + flip + normalise; {args.reps} repetitions per pipeline, "
+          f"alternating; CPU = this process + DataLoader workers")
     print("# " + ", ".join(f"{k}={v}" for k, v in head.items()))
 
     # both pipelines make the same kind of batch
@@ -175,31 +156,40 @@ def main(argv=None) -> dict:
     rows = []
     for bs in args.batch_sizes:
         gen = torch.Generator().manual_seed(0)
-        wall, cpu = measure(lambda: ours_epoch(data, bs, gen), args.repeats)
-        rows.append({"pipeline": "ours (tensor)", "batch": bs, "workers": 0, "img_per_s": wall, "img_per_cpu_s": cpu})
-        for w in args.workers:
-            loader = torchvision_loader(data, bs, w)
-            wall, cpu = measure(lambda: loader_epoch(loader), args.repeats, lambda: worker_pids(loader))
-            rows.append({"pipeline": "torchvision DataLoader+PIL", "batch": bs, "workers": w,
-                         "img_per_s": wall, "img_per_cpu_s": cpu})
-            del loader
+        loaders = {w: torchvision_loader(data, bs, w) for w in args.workers}
+        sides = {"ours": lambda: ours_epoch(data, bs, gen)}
+        sides |= {w: (lambda ld=ld: loader_epoch(ld)) for w, ld in loaders.items()}
+        for fn in sides.values():
+            fn()  # warm-up: first allocations, and the persistent workers start here
+        reps = alternating({k: (lambda fn=fn: timed_epoch(fn)) for k, fn in sides.items()}, args.reps)
+        del loaders  # ends the persistent workers
+        ours = reps.pop("ours")
+        rows.append({"pipeline": "ours (tensor)", "batch": bs, "workers": 0, "reps": ours,
+                     "img_per_s": spread([r["img_per_s"] for r in ours]),
+                     "img_per_cpu_s": spread([r["img_per_cpu_s"] for r in ours])})
+        for w, runs in reps.items():
+            pairs = list(zip(ours, runs))  # repetition i of each side ran next to each other
+            rows.append({"pipeline": "torchvision DataLoader+PIL", "batch": bs, "workers": w, "reps": runs,
+                         "img_per_s": spread([r["img_per_s"] for r in runs]),
+                         "img_per_cpu_s": spread([r["img_per_cpu_s"] for r in runs]),
+                         "ratio": spread([o["img_per_s"] / r["img_per_s"] for o, r in pairs]),
+                         "cpu_ratio": spread([o["img_per_cpu_s"] / r["img_per_cpu_s"] for o, r in pairs])})
 
-    print(f"\n| {'pipeline':<28} | batch | workers | {'images/s':>9} | ours/this | {'img/CPU-s':>9} | ours/this |")
-    print(f"|{'-' * 30}|-------|---------|{'-' * 11}|-----------|{'-' * 11}|-----------|")
+    print(f"\n| {'pipeline':<28} | batch | workers | images/s (median) | img/CPU-s (median) |")
+    print(f"|{'-' * 30}|-------|---------|-------------------|--------------------|")
     for r in rows:
-        ours = next(o for o in rows if o["pipeline"].startswith("ours") and o["batch"] == r["batch"])
-        r["ratio"] = ours["img_per_s"] / r["img_per_s"]
-        r["cpu_ratio"] = ours["img_per_cpu_s"] / r["img_per_cpu_s"]
-        print(f"| {r['pipeline']:<28} | {r['batch']:>5} | {r['workers']:>7} | {r['img_per_s']:>9,.0f} | "
-              f"{r['ratio']:>8.1f}x | {r['img_per_cpu_s']:>9,.0f} | {r['cpu_ratio']:>8.1f}x |")
-    tv = [r for r in rows if not r["pipeline"].startswith("ours")]
-    ours = [r for r in rows if r["pipeline"].startswith("ours")]
-    best_ratio = max(r["img_per_s"] for r in ours) / max(r["img_per_s"] for r in tv)
-    worst = min(r["ratio"] for r in tv)
-    worst_cpu = min(r["cpu_ratio"] for r in tv)
-    print(f"\nwall: best ours / best torchvision {best_ratio:.1f}x, smallest same-batch ratio {worst:.1f}x; "
-          f"CPU time: smallest same-batch ratio {worst_cpu:.1f}x (target >= 5x)")
-    out = {"machine": head, "n": args.n, "repeats": args.repeats, "rows": rows, "best_ratio": best_ratio,
+        print(f"| {r['pipeline']:<28} | {r['batch']:>5} | {r['workers']:>7} | {r['img_per_s']['median']:>17,.0f} | "
+              f"{r['img_per_cpu_s']['median']:>18,.0f} |")
+    print()
+    for r in rows:
+        if "ratio" in r:
+            print(f"RATIO ours/torchvision (batch {r['batch']}, {r['workers']} workers) images/s, wall: "
+                  f"{fmt_spread(r['ratio'], 'x', 1)}; per CPU-second: {fmt_spread(r['cpu_ratio'], 'x', 1)}")
+    tv = [r for r in rows if "ratio" in r]
+    worst = min(r["ratio"]["median"] for r in tv)
+    worst_cpu = min(r["cpu_ratio"]["median"] for r in tv)
+    print(f"smallest same-batch median ratio: wall {worst:.1f}x, CPU {worst_cpu:.1f}x (target >= 5x)")
+    out = {"machine": head, "machine_line": machine_line(), "n": args.n, "reps": args.reps, "rows": rows,
            "min_same_batch_ratio": worst, "min_same_batch_cpu_ratio": worst_cpu}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

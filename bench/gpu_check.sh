@@ -13,7 +13,8 @@
 #    Then the 8 baselines (default parameters) on the same model, timed one by one, cheapest
 #    first; the JSON is rewritten after each, so a time limit keeps those measured (ANP, 2,000
 #    batches, is last: on CPU it took 18x one TSBD run).
-# 3. grid_packing: a 2-attack x 2-seed grid through bdgrid's runner with 1, 2, 4 trials per GPU.
+# 3. grid_packing: a 2-attack x 2-seed grid through bdgrid's runner with 1, 2, 4 trials per GPU,
+#    REPS alternating repetitions of each.
 # 4. project_grid: H100-hours for the full CIFAR-10 paper grid from the measured stage times.
 #
 # Results land in $BENCH_OUT (default: $OUT when the device tool sets it, else bench/out/gpu).
@@ -48,7 +49,8 @@ step tsbd_speed $(( 100 * REPS )) "$PY" bench/tsbd_speed.py --gpu --threads "$TH
   --reps "$REPS" --json "$DEST/tsbd_speed.json"
 step baselines 80 "$PY" bench/tsbd_speed.py --gpu --threads "$THREADS" --model "$DEST/preact_fast.pt" \
   --sides "" --baselines clp,nad,rnp,ibau,ft,fp,ftsam,anp --json "$DEST/baselines.json"
-step grid_packing 130 "$PY" bench/grid_packing.py --seeds 2 --json "$DEST/grid_packing.json"
+step grid_packing $(( 40 + 90 * REPS )) "$PY" bench/grid_packing.py --seeds 2 --reps "$REPS" \
+  --json "$DEST/grid_packing.json"
 rm -f "$DEST/preact_fast.pt"  # 45 MB; not a result
 
 echo

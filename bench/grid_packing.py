@@ -9,8 +9,14 @@ the whole grid (data stage included), trials (attack x seed cells) per hour, and
 k = 1. Small trials (a defense on 5% of the data, a short attack training) leave most of an H100
 idle in kernel-launch gaps; packing fills those gaps.
 
+Side by side in one process and one Ray session: the packing factors run in alternating order
+over ``--reps`` repetitions (1 2 4, 4 2 1, 1 2 4, ...), each into its own fresh folder, and the
+gain of k over k = 1 is taken within a repetition and printed as median (min, max, n), in wall
+time and beside it the CPU time of every process (driver, Ray daemons and workers:
+``_common.TreeTimer``).
+
     .venv/bin/python bench/grid_packing.py                 # on a GPU machine
-    .venv/bin/python bench/grid_packing.py --per-gpu 1,2,4 --seeds 4 --epochs 4
+    .venv/bin/python bench/grid_packing.py --per-gpu 1,2,4 --seeds 4 --epochs 4 --reps 3
 
 Without a GPU it says so and exits 0. ``--cpu-smoke`` runs the same code path on the CPU with
 ``num_cpus = 1/k`` slices of one CPU (a check that the script works, not a measurement).
@@ -19,10 +25,9 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
-from _common import fmt_s, machine, write_json
+from _common import TreeTimer, alternating, fmt_s, fmt_spread, machine, spread, write_json
 
 import yaml
 
@@ -47,7 +52,7 @@ def grid_spec(name: str, k: int, a, gpu: bool) -> str:
     return yaml.safe_dump(spec, sort_keys=False)
 
 
-def run_k(k: int, a, gpu: bool, workdir: Path) -> dict:
+def run_k(k: int, a, gpu: bool, out: Path) -> dict:
     from grid.run import execute_plan
     from grid.spec import parse_spec
 
@@ -55,15 +60,14 @@ def run_k(k: int, a, gpu: bool, workdir: Path) -> dict:
     ls, problems = parse_spec(text, f"packing-k{k}")
     if problems:
         raise SystemExit("packing spec does not parse:\n" + "\n".join(str(p) for p in problems))
-    t0 = time.perf_counter()
-    res = execute_plan(ls, workdir / f"k{k}", show_progress=False)
-    wall = time.perf_counter() - t0
+    with TreeTimer() as t:
+        res = execute_plan(ls, out, show_progress=False)
     if not res.ok:
         raise SystemExit(f"k={k}: {len(res.failed)} stages failed: {list(res.failed.values())[:3]}")
     cells = len(a.attacks.split(",")) * a.seeds
     evals = sum(1 for s in res.plan.stages.values() if s.kind == "eval")
-    return {"k": k, "wall_s": wall, "cells": cells, "evals": evals, "stages_run": len(res.done),
-            "trials_per_hour": cells / wall * 3600}
+    return {"k": k, "wall_s": t.s, "cpu_s": t.cpu, "cells": cells, "evals": evals, "stages_run": len(res.done),
+            "trials_per_hour": cells / t.s * 3600, "cpu_s_per_trial": t.cpu / cells}
 
 
 def main(argv=None) -> int:
@@ -76,7 +80,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--defenses", default="none,tsbd")
     ap.add_argument("--epochs", type=int, default=4, help="fast-recipe epochs of each attack training")
-    ap.add_argument("--no-warmup", action="store_true", help="measure cold: k=1 then pays the workers' start-up")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of each k, alternating order (>= 3)")
+    ap.add_argument("--no-warmup", action="store_true", help="measure cold: the first side then pays the workers' start-up")
     ap.add_argument("--cpu-smoke", action="store_true", help="run the code path on the CPU (not a measurement)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -99,30 +104,47 @@ def main(argv=None) -> int:
             print("Ray sees no GPU; nothing to measure.")
             return 0
         print(f"# {a.arch}, synthetic {a.n_train}/{a.n_test}, attacks {a.attacks}, {a.seeds} seeds, "
-              f"defenses {a.defenses}, fast recipe {a.epochs} epochs; {'GPU' if gpu else 'CPU smoke'}")
-        rows = []
+              f"defenses {a.defenses}, fast recipe {a.epochs} epochs; {'GPU' if gpu else 'CPU smoke'}; "
+              f"{a.reps} repetitions per k, alternating")
         with tempfile.TemporaryDirectory(prefix="bdgrid-packing-") as d:
             if not a.no_warmup:
                 # Untimed: start max(k) Ray workers and pay their imports and CUDA/cuDNN set-up once,
-                # so that k=1 (measured first) is not charged for the cold start of every later run.
+                # so that the first side measured is not charged for the cold start of the later ones.
                 warm = argparse.Namespace(**{**vars(a), "seeds": max(ks), "epochs": 1, "defenses": "none"})
                 w = run_k(max(ks), warm, gpu, Path(d) / "warmup")
                 print(f"  warm-up ({max(ks)} workers): {fmt_s(w['wall_s'])}", flush=True)
-            for k in ks:
-                r = run_k(k, a, gpu, Path(d))
-                rows.append(r)
-                print(f"  k={k}: {r['cells']} trials ({r['stages_run']} stages) in {fmt_s(r['wall_s'])}: "
-                      f"{r['trials_per_hour']:.0f} trials/h", flush=True)
+            count = {k: 0 for k in ks}
+
+            def side(k):
+                def run():
+                    count[k] += 1
+                    r = run_k(k, a, gpu, Path(d) / f"k{k}-rep{count[k]}")
+                    print(f"  k={k}: {r['cells']} trials ({r['stages_run']} stages) in {fmt_s(r['wall_s'])} wall, "
+                          f"{fmt_s(r['cpu_s'])} CPU: {r['trials_per_hour']:.0f} trials/h", flush=True)
+                    return r
+                return run
+
+            reps = alternating({k: side(k) for k in ks}, a.reps)
     finally:
         if started:
             ray.shutdown()
-    base = rows[0]["trials_per_hour"]
-    print(f"\n{'per GPU':>8s} {'wall':>8s} {'trials/h':>9s} {'gain':>6s}")
-    for r in rows:
-        r["gain"] = r["trials_per_hour"] / base
-        print(f"{r['k']:8d} {fmt_s(r['wall_s']):>8s} {r['trials_per_hour']:9.0f} {r['gain']:5.2f}x")
-    best = max(rows, key=lambda r: r["trials_per_hour"])
-    print(f"\nRATIO trials/hour, best packing (k={best['k']}) vs 1 per GPU: {best['gain']:.2f}x")
+    base = reps[ks[0]]
+    rows = []
+    print(f"\n{'per GPU':>8s} {'wall':>8s} {'CPU':>8s} {'trials/h':>9s}   gain over k={ks[0]} (median, min, max, n)")
+    for k in ks:
+        pairs = list(zip(base, reps[k]))  # repetition i of each side ran next to each other
+        r = {"k": k, "reps": reps[k], "wall_s": spread([x["wall_s"] for x in reps[k]]),
+             "cpu_s": spread([x["cpu_s"] for x in reps[k]]),
+             "trials_per_hour": spread([x["trials_per_hour"] for x in reps[k]]),
+             "gain": spread([x["trials_per_hour"] / b["trials_per_hour"] for b, x in pairs]),
+             "cpu_ratio": spread([x["cpu_s"] / b["cpu_s"] for b, x in pairs])}
+        rows.append(r)
+        print(f"{k:8d} {fmt_s(r['wall_s']['median']):>8s} {fmt_s(r['cpu_s']['median']):>8s} "
+              f"{r['trials_per_hour']['median']:9.0f}   {fmt_spread(r['gain'])}")
+    best = max(rows, key=lambda r: r["gain"]["median"])
+    print(f"\nRATIO trials/hour, best packing (k={best['k']}) vs {ks[0]} per GPU, wall: {fmt_spread(best['gain'])}; "
+          f"CPU time of all processes k={best['k']}/k={ks[0]}: {fmt_spread(best['cpu_ratio'])}"
+          + ("" if gpu else " [CPU SMOKE: a check of the code path, not a measurement]"))
     write_json(a.json, {"machine": machine(), "gpu": gpu, "rows": rows})
     return 0
 

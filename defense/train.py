@@ -15,7 +15,8 @@ Recipes (one typed place for every default, each with its source):
   (``train(..., accel_on_cpu=True)``), so CI runs the very code a GPU runs (bf16 autocast with
   ``device_type="cpu"``, channels_last, the inductor CPU backend, the fused SGD step);
   tests/test_speed_paths.py checks both that off is bit-identical to plain and that on implants
-  the same backdoor. Ideas from airbench (github.com/KellerJordan/cifar10-airbench): data whole on
+  the same backdoor. TSBD's bf16 autocast is decided there too (``DefenseContext.accel_on_cpu``
+  runs it on the CPU). Ideas from airbench (github.com/KellerJordan/cifar10-airbench): data whole on
   the GPU as uint8, crop/flip of whole batches with tensor ops, shuffle and augmentation drawn
   from a generator on the GPU, no DataLoader, no host sync inside an epoch, short one-cycle-like
   schedules at large batch. No label smoothing: it caps the target-class logit margin that the
@@ -209,19 +210,31 @@ def cpu_compiler() -> str | None:
     return None
 
 
-def accel_for(recipe: Recipe, device: str | torch.device | None, on_cpu: bool = False) -> Accel:
+def accel_for(recipe, device: str | torch.device | None, on_cpu: bool = False) -> Accel:
     """Which of ``recipe``'s speed options run on ``device``. On CUDA: all the recipe asks for.
     Elsewhere: none, unless ``on_cpu`` (the GPU code path run on the CPU, for CI): then bf16,
     channels_last, compile and the fused step as on CUDA; cuDNN autotuning has no CPU
-    counterpart. Raises ValueError when compile is asked on the CPU without a C++ compiler."""
+    counterpart. Raises ValueError when compile is asked on the CPU without a C++ compiler.
+
+    ``recipe`` is a ``Recipe`` or any options object with some of its flags (``bf16``,
+    ``channels_last``, ``compile``, ``cudnn_benchmark``; a missing one is off): TSBD's params
+    carry ``bf16`` only, and its autocast is decided here too (``autocast``)."""
     device = pick_device(device)
     use = device.type == "cuda" or on_cpu
-    acc = Accel(device, bf16=recipe.bf16 and use, channels_last=recipe.channels_last and use,
-                compile=recipe.compile and use, fused=use, cudnn_benchmark=recipe.cudnn_benchmark and device.type == "cuda")
+    flag = lambda name: bool(getattr(recipe, name, False))  # noqa: E731
+    acc = Accel(device, bf16=flag("bf16") and use, channels_last=flag("channels_last") and use,
+                compile=flag("compile") and use, fused=use,
+                cudnn_benchmark=flag("cudnn_benchmark") and device.type == "cuda")
     if acc.compile and device.type == "cpu" and cpu_compiler() is None:
         raise ValueError("torch.compile on the CPU (inductor's C++ backend) needs a C++ compiler: none of $CXX, g++, "
                          "c++, clang++ is on PATH; install one or set compile=False")
     return acc
+
+
+def autocast(acc: Accel):
+    """The forward passes' precision for ``acc``: bf16 autocast on ``acc.device``'s type
+    (``device_type="cpu"`` when the GPU path runs on the CPU), else a no-op context."""
+    return torch.autocast(acc.device.type, dtype=torch.bfloat16) if acc.bf16 else _null()
 
 
 def train(model: torch.nn.Module, data: Data, recipe: Recipe, *, seed: int = 0,
@@ -256,7 +269,7 @@ def train(model: torch.nn.Module, data: Data, recipe: Recipe, *, seed: int = 0,
     steps_per_epoch = (len(data) // recipe.batch_size if drop_last and len(data) >= recipe.batch_size
                        else math.ceil(len(data) / recipe.batch_size))
     opt, sched = make_optimizer(model, recipe, epochs * steps_per_epoch, fused=acc.fused)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if acc.bf16 else _null()
+    amp = autocast(acc)
     bench_flag = torch.backends.cudnn.benchmark
     if acc.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True

@@ -3,6 +3,8 @@
 - The ``fast`` recipe implants the backdoor (ASR >= 0.9 on synthetic) at a useful ACC.
 - Its CUDA-only options (bf16 autocast, channels_last, torch.compile, cuDNN autotuning) are
   exact no-ops on the CPU: the same weights come out, bit for bit, as with them switched off.
+- With ``accel_on_cpu`` they run on the CPU (the GPU code path in CI): a ``fast`` training and a
+  TSBD run (bf16 autocast, its one GPU option) remove/implant the same backdoor as the plain path.
 - ``pick_device("auto")`` picks the CPU when torch sees no GPU; the batch order follows the
   generator's device.
 - The benchmark scripts run end to end at toy scale (so ``bench/gpu_check.sh`` does not rot).
@@ -276,3 +278,102 @@ def test_compiled_training_on_cpu_matches_eager(small_data):
     for a, b in zip(h_e, h_c):
         assert abs(a["loss"] - b["loss"]) <= 0.05 * a["loss"], (h_e, h_c)
     assert not m_c.training and all(q.is_contiguous() for q in m_c.parameters())
+
+
+# --------------------------------------------------------------------------- TSBD's GPU path on the CPU
+# TSBD's only GPU option is bf16 autocast (TSBDParams.bf16, opt-in: the reference trains in fp32);
+# its batches go through make_batch's batched crop/flip on the data's device, the same path on
+# both devices (on CUDA only the generator's device differs); it has no channels_last or compile.
+# Its autocast is decided where training's is (defense.train.accel_for / autocast), and
+# DefenseContext(accel_on_cpu=True) runs it on the CPU as train(..., accel_on_cpu=True) does.
+
+def test_tsbd_autocast_is_decided_by_accel_for_and_runs_bf16_on_cpu_when_asked(small_data):
+    from defense.methods import DefenseContext
+    from defense.methods.tsbd import TSBDParams, _autocast, clean_unlearn
+
+    cpu = torch.device("cpu")
+    assert isinstance(_autocast(cpu, TSBDParams(bf16=True), on_cpu=True), torch.autocast)
+    assert not isinstance(_autocast(cpu, TSBDParams(bf16=True)), torch.autocast)  # CPU: off unless asked
+    assert not isinstance(_autocast(cpu, TSBDParams(), on_cpu=True), torch.autocast)  # fp32 unless bf16
+    train_set, _ = small_data
+    clean = train_set.subset(torch.arange(64))
+    seen = {}
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = create_model("tiny_cnn")
+        dtypes = []
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda m, i, o, dtypes=dtypes: dtypes.append(o.dtype))
+        p = TSBDParams(bf16=True, max_un_epochs=1, un_threshold=0.0, batch_size=32)
+        clean_unlearn(model, clean, p, DefenseContext(device="cpu", seed=0, accel_on_cpu=on))
+        seen[on] = set(dtypes)
+    # the deep copy inside clean_unlearn keeps the hook: every forward pass (ascent steps and the
+    # stop check) ran in bf16 with the GPU path on, in fp32 without it
+    assert seen == {False: {torch.float32}, True: {torch.bfloat16}}, seen
+
+
+# Measured (``PYTHONPATH=. python tests/measure_tsbd_accel.py badnets 0,1,2 0.3``: the suite's BadNets
+# fixture, trained with 2 threads, before ACC 0.905 / ASR 0.921; Dc 500 images, the reference's
+# constants with un_threshold 0.2 and n 0.3, as tests/test_tsbd_e2e.py; test ACC / ASR, plain
+# path vs bf16 autocast on the CPU):
+#   seed 0: 0.927 / 0.069 vs 0.925 / 0.059   (40 unlearning epochs on both sides)
+#   seed 1: 0.915 / 0.101 vs 0.911 / 0.097   (46 and 46)
+#   seed 2: 0.901 / 0.062 vs 0.898 / 0.082   (49 and 48)
+# so |on - off| <= 0.004 ACC and <= 0.020 ASR. Bound = that plus the seed-to-seed spread of the
+# plain path (ACC 0.901-0.927: 0.026; ASR 0.062-0.101: 0.039), rounded up, as ACCEL_TOL above:
+# bf16 may move a run about as a new seed does. The backdoor is removed on both sides: ASR <= 0.2 (measured at most 0.101; the
+# e2e test's single-seed test ASR ranged 0.015-0.109 at the chosen n, so 0.2 is that plus
+# about 0.09 of margin), down from >= 0.8 before. Stage 1a's length: 40/40, 46/46, 49/48 epochs,
+# allowed to differ by 5 (10% of it). Cost: 80-160 CPU-s per side (2 threads, loaded machine).
+TSBD_ACCEL_TOL = {"acc": 0.04, "asr": 0.06}
+
+
+@pytest.mark.slow
+def test_tsbd_gpu_path_on_cpu_removes_the_same_backdoor(badnets_model):
+    """TSBD with its GPU option (bf16 autocast, device_type="cpu") against the plain fp32 path on
+    the session's BadNets fixture, one defender seed: the same backdoor removed after about the
+    same number of unlearning epochs, ACC/ASR within TSBD_ACCEL_TOL."""
+    from defense.data.splits import defender_subset
+    from defense.methods import DefenseContext
+    from defense.methods.tsbd import TSBDParams, defend
+
+    d = badnets_model
+    bd, _, bd_true = d["poisoned"].backdoor_test()
+    before = attack_metrics(d["model"], d["test"], bd, bd_true, d["cfg"].target)
+    clean, _ = defender_subset(d["train"], 0.125, 0)  # 500 images, as tests/test_tsbd_e2e.py
+    p = TSBDParams(un_threshold=0.2, n=0.3, bf16=True)
+    res = {}
+    for on in (False, True):
+        out = defend(d["model"], clean, p, DefenseContext(device="cpu", seed=0, accel_on_cpu=on))
+        res[on] = (out, attack_metrics(out.model, d["test"], bd, bd_true, d["cfg"].target))
+    (o_off, off), (o_on, on) = res[False], res[True]
+    assert before["asr"] >= 0.8, before
+    assert off["asr"] <= 0.2 and on["asr"] <= 0.2, (before, off, on)
+    assert abs(on["acc"] - off["acc"]) <= TSBD_ACCEL_TOL["acc"], (off, on)
+    assert abs(on["asr"] - off["asr"]) <= TSBD_ACCEL_TOL["asr"], (off, on)
+    # the same procedure ran: Stage 1a stopped at about the same epoch (measured: within 1) and
+    # weights were zeroed on both sides; and bf16 did run: the purified weights differ from fp32's
+    assert abs(o_on.diagnostics["unlearn_epochs"] - o_off.diagnostics["unlearn_epochs"]) <= 5
+    assert o_on.diagnostics["weights_zeroed"] > 0 and o_off.diagnostics["weights_zeroed"] > 0
+    assert not torch.equal(next(o_on.model.parameters()), next(o_off.model.parameters()))
+    assert next(o_on.model.parameters()).dtype == torch.float32  # weights stay fp32 under autocast
+
+
+def test_gpu_check_calls_every_script_with_flags_it_accepts():
+    """bench/gpu_check.sh runs only on a GPU machine, so a renamed or removed flag would first show
+    there: every ``--flag`` it passes to a bench script must be one that script's --help lists."""
+    import re
+
+    text = (ROOT / "bench" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    calls: dict = {}
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        for m in re.finditer(r"bench/(\w+)\.py(.*)", line):
+            calls.setdefault(m.group(1), set()).update(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", m.group(2)))
+    assert {"train_speed", "tsbd_speed", "grid_packing", "project_grid"} <= set(calls), calls
+    for script, flags in calls.items():
+        r = _bench(f"{script}.py", "--help", timeout=120)
+        assert r.returncode == 0, r.stderr
+        missing = {f for f in flags if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", r.stdout)}
+        assert not missing, f"gpu_check.sh passes {sorted(missing)} to bench/{script}.py, which does not accept them"

@@ -31,6 +31,7 @@ class DefenseContext:
     progress: bool = False
     prepared: Any = None  # result of the entry's prepare(), when it has one
     log: Callable[[str], None] = lambda msg: None
+    accel_on_cpu: bool = False  # run the GPU code path's options on the CPU too (CI; defense.train.accel_for)
 
 
 @dataclass

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from defense.data import Data
 from defense.methods import DefenseContext, DefenseOutput, register_defense
-from defense.train import index_batches, make_batch, pick_device, seed_everything
+from defense.train import accel_for, autocast, index_batches, make_batch, pick_device, seed_everything
 
 
 # ---------------------------------------------------------------------------------------
@@ -83,7 +83,8 @@ class TSBDParams:
     r: float = 0.05  # perturbation radius per tensor (config.yaml: r 0.05)
     alpha: float = 0.7  # weight of the perturbed gradient (config.yaml: alpha 0.7); 1 = SAM
     augment: bool = True  # training augmentation in both stages (BackdoorBench train transform)
-    # Ours, opt-in: bf16 autocast of the forward passes on CUDA (weights and gradients stay fp32).
+    # Ours, opt-in: bf16 autocast of the forward passes on CUDA (weights and gradients stay fp32;
+    # on the CPU too with DefenseContext(accel_on_cpu=True), decided by defense.train.accel_for).
     # Off by default because the reference trains in fp32, and Stage 1a's stop check and the NWC
     # ranking (scores ~1e-3 on small models, compared at 4 decimals) can move under bf16 rounding.
     bf16: bool = False
@@ -165,8 +166,10 @@ class _null:
         return False
 
 
-def _autocast(device: torch.device, p: TSBDParams):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if (p.bf16 and device.type == "cuda") else _null()
+def _autocast(device: torch.device, p: TSBDParams, on_cpu: bool = False):
+    """bf16 autocast when ``p.bf16`` on CUDA (or on the CPU with ``on_cpu``: the GPU path in CI),
+    decided where training decides it (``defense.train.accel_for``)."""
+    return autocast(accel_for(p, device, on_cpu))
 
 
 def _generator(seed: int, device: torch.device) -> torch.Generator:
@@ -184,7 +187,7 @@ def _batches(data: Data, p: TSBDParams, gen: torch.Generator):
 
 @torch.no_grad()
 def _augmented_accuracy(model: nn.Module, data: Data, p: TSBDParams, gen: torch.Generator,
-                        device: torch.device) -> tuple[float, bool]:
+                        device: torch.device, on_cpu: bool = False) -> tuple[float, bool]:
     """The reference's stop check: eval mode, Dc through the *training* transform, / |Dc|.
 
     Also returns whether every prediction was the same class (a collapsed model: ours)."""
@@ -192,7 +195,7 @@ def _augmented_accuracy(model: nn.Module, data: Data, p: TSBDParams, gen: torch.
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = torch.zeros(data.info.num_classes, dtype=torch.bool, device=device)
-    with _autocast(device, p):
+    with _autocast(device, p, on_cpu):
         for x, y in _batches(data, p, gen):
             pred = model(x).argmax(1)
             correct += (pred == y).sum()
@@ -268,7 +271,7 @@ def clean_unlearn(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseCont
         correct = torch.zeros((), dtype=torch.long, device=device)
         nb = 0
         for x, y in _batches(clean, p, gen):
-            with _autocast(device, p):
+            with _autocast(device, p, ctx.accel_on_cpu):
                 out = net(x)
                 loss = F.cross_entropy(out.float(), y)
             opt.zero_grad(set_to_none=True)
@@ -277,7 +280,7 @@ def clean_unlearn(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseCont
             tot += loss.detach()
             correct += (out.argmax(1) == y).sum()
             nb += 1
-        dc_acc, one_class = _augmented_accuracy(net, clean, p, gen, device)
+        dc_acc, one_class = _augmented_accuracy(net, clean, p, gen, device, ctx.accel_on_cpu)
         loss_v = float(tot) / max(1, nb)
         curve.append({"phase": "unlearn", "epoch": epoch, "loss": loss_v,
                       "train_acc": int(correct) / max(1, len(clean)), "dc_acc": dc_acc, "collapsed": one_class})
@@ -460,7 +463,7 @@ def activeness_finetune(model: nn.Module, clean: Data, p: TSBDParams, ctx: Defen
     clean = clean.to(device)
     model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=p.ft_lr, momentum=p.momentum)
-    amp = _autocast(device, p)
+    amp = _autocast(device, p, ctx.accel_on_cpu)
     curve = []
     bar = _Progress(ctx, p.ft_epochs + 1, f"tsbd finetune n={p.n}")
     for epoch in range(p.ft_epochs + 1):
