@@ -121,6 +121,9 @@ def main() -> None:
             continue
         cmd = fill(cmd, work)
         rc, wall, cpu, silence, out = run_in_pty([a.bdgrid] + cmd.split(), work, a.timeout)
+        logs = work / "tour-logs"
+        logs.mkdir(exist_ok=True)
+        (logs / f"{len(list(logs.iterdir())):02d}-{cmd.split()[0].strip('-')}.log").write_bytes(out)
         print(f"| `bdgrid {cmd[:70]}` | {rc} | {wall:.1f} | {cpu:.1f} | {silence:.1f} |", flush=True)
         if rc != 0:
             tail = out.decode(errors="replace")[-1500:]
