@@ -28,10 +28,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from results.integrity import DAMAGED, METRIC_COLUMNS, UNCHECKED, check_file, invariant_violations
+from results.integrity import DAMAGED, METRIC_COLUMNS, OK, UNCHECKED, check_bytes, invariant_violations
 from results.schema import SCHEMA_VERSION, schema, to_table
 
 DAMAGED_DIR = "damaged"  # as results.writer.DAMAGED_DIR (not imported: the reader never writes)
@@ -65,10 +64,6 @@ def upgrade(tbl: pa.Table, table: str = "results") -> pa.Table:
     # are flat dicts of the then-current keys, so conform() maps known names onto columns,
     # converts epoch-seconds times and keeps the rest in `extra`; schema_version stays 1.
     return to_table(tbl.to_pylist(), table)
-
-
-def _read(path: Path, table: str) -> pa.Table:
-    return upgrade(pq.read_table(path), table)
 
 
 @dataclass
@@ -108,44 +103,32 @@ def _reason(e: Exception) -> str:
     return f"not readable as Parquet ({type(e).__name__}: {first[:200]})"
 
 
-def _scan_fast(paths: list[Path], table: str, cols: list[str]) -> pa.Table | None:
-    """One multi-threaded scan of ``cols`` of files that all have the current schema (about 10x
-    faster than file by file for thousands of stages; only the asked columns are decoded), with
-    ``__file`` (the index of each row's file in ``paths``); None when some file is of another
-    version or layout (then read file by file)."""
+def _parse(blob: bytes, table: str, cols: list[str]) -> pa.Table:
+    """``cols`` of one file's bytes, on the current schema. A file of the current version is read
+    column by column (the others are never decoded); an older one is read whole and upgraded."""
+    pf = pq.ParquetFile(pa.BufferReader(blob))
+    if pf.schema_arrow.equals(schema(table)):
+        t = pf.read(columns=list(dict.fromkeys([*cols, "schema_version"])), use_threads=False)
+        if not t.num_rows or pc.all(pc.equal(t.column("schema_version"), SCHEMA_VERSION)).as_py():
+            return t.select(cols)
+    return upgrade(pf.read(use_threads=False), table).select(cols)
+
+
+def _one(path: Path, table: str, cols: list[str], check: bool):
+    """(status, why, table) of one file: its bytes are read once, for the checksum and the rows."""
     try:
-        tbl = ds.dataset([str(p) for p in paths], schema=schema(table), format="parquet").to_table(
-            columns=[*cols, *(["schema_version"] if "schema_version" not in cols else []), "__filename"])
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError):
-        return None
-    if not set(tbl.column("schema_version").unique().to_pylist()) <= {SCHEMA_VERSION}:
-        return None
-    # file names -> their index in ``paths`` (one dictionary encoding, no Python loop per row)
-    names = pc.dictionary_encode(tbl.column("__filename")).combine_chunks()
-    order = {str(p): i for i, p in enumerate(paths)}
-    idx = pa.array([order[n] for n in names.dictionary.to_pylist()], pa.int32())
-    file_no = pc.take(idx, names.indices)
-    return tbl.select(cols).append_column("__file", file_no)
-
-
-def _scan_each(paths: list[Path], table: str, report: Report, cols: list[str]) -> pa.Table:
-    def one(i_p):
-        i, p = i_p
-        try:
-            t = _read(p, table).select(cols)
-        except NewerSchema as e:
-            raise NewerSchema(f"{p}: {e}") from None
-        except Exception as e:  # noqa: BLE001 - any unreadable file is named, never a traceback
-            return p, None, _reason(e)
-        return p, t.append_column("__file", pa.array([i] * t.num_rows, pa.int32())), None
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        got = list(pool.map(one, enumerate(paths)))
-    report.damaged += [(p, why) for p, t, why in got if t is None]
-    tables = [t for _, t, _ in got if t is not None]
-    if not tables:
-        return schema(table).empty_table().select(cols).append_column("__file", pa.array([], pa.int32()))
-    return pa.concat_tables(tables)
+        blob = path.read_bytes()
+    except OSError as e:
+        return DAMAGED, f"unreadable ({e.strerror or e})", None
+    status, why = check_bytes(blob) if check else (OK, None)
+    if status == DAMAGED:
+        return status, why, None
+    try:
+        return status, None, _parse(blob, table, cols)
+    except NewerSchema as e:
+        raise NewerSchema(f"{path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any unreadable file is named, never a traceback
+        return DAMAGED, _reason(e), None
 
 
 INVARIANT_COLUMNS = ("defense",) + METRIC_COLUMNS  # what results.integrity.invariant_violations reads
@@ -155,37 +138,36 @@ def scan(paths: list[Path], table: str = "results", check: bool = True, columns:
          ) -> tuple[pa.Table, Report]:
     """The intact rows of the result files ``paths`` (not deduplicated), ``columns`` only (default
     all; the columns the checks need are read as well), with an int32 ``__file`` column: the
-    index in ``paths`` of each row's file. See ``load_checked``."""
+    index in ``paths`` of each row's file. See ``load_checked``.
+
+    Each file is read into memory once, its checksum checked on those bytes and its columns
+    parsed from them (``pyarrow.parquet.ParquetFile``): about 0.3 ms of CPU per small file, where
+    a ``pyarrow.dataset`` scan took 1.2 ms (measured on 2,000 per-eval files, this machine)."""
     paths = list(paths)
     report = Report()
     sch = schema(table)
     cols = list(sch.names) if columns is None else [c for c in sch.names if c in set(columns)]
     if check and table != "curves":
         cols += [c for c in INVARIANT_COLUMNS if c not in cols]
-    if not paths:
+    with ThreadPoolExecutor(max_workers=4) as pool:  # hashing and parsing release the GIL
+        got = list(pool.map(lambda p: _one(p, table, cols, check), paths))
+    report.damaged += [(p, why) for p, (st, why, _) in zip(paths, got) if st == DAMAGED]
+    report.unchecked += [p for p, (st, _, _) in zip(paths, got) if st == UNCHECKED]
+    parts = [(i, t) for i, (_, _, t) in enumerate(got) if t is not None]
+    if not parts:
         return sch.empty_table().select(cols).append_column("__file", pa.array([], pa.int32())), report
-    keep = list(range(len(paths)))
-    if check:
-        with ThreadPoolExecutor(max_workers=8) as pool:  # hashlib releases the GIL on large buffers
-            status = list(pool.map(check_file, paths))
-        report.damaged += [(p, why) for p, (st, why) in zip(paths, status) if st == DAMAGED]
-        report.unchecked += [p for p, (st, _) in zip(paths, status) if st == UNCHECKED]
-        keep = [i for i, (st, _) in enumerate(status) if st != DAMAGED]
-    sub = [paths[i] for i in keep]
-    tbl = _scan_fast(sub, table, cols) if sub else None
-    if tbl is None:
-        tbl = _scan_each(sub, table, report, cols)
-    if len(keep) != len(paths):  # indices into ``sub`` -> indices into ``paths``
-        tbl = tbl.set_column(tbl.num_columns - 1, "__file",
-                             pc.take(pa.array(keep, pa.int32()), tbl.column("__file")))
+    tbl = pa.concat_tables([t for _, t in parts])
+    if len(parts) > 1:
+        tbl = tbl.combine_chunks()  # thousands of one-file chunks make every later kernel slow
+    file_no = np.repeat(np.array([i for i, _ in parts], np.int32), [t.num_rows for _, t in parts])
+    tbl = tbl.append_column("__file", pa.array(file_no, pa.int32()))
     if check and table != "curves" and tbl.num_rows:
         broken: dict[int, str] = {}
-        file_no = tbl.column("__file")
         for i, why in invariant_violations(tbl):
-            broken.setdefault(file_no[i].as_py(), f"row invariant broken: {why}")
+            broken.setdefault(int(file_no[i]), f"row invariant broken: {why}")
         if broken:
             report.damaged += [(paths[f], why) for f, why in broken.items()]
-            tbl = tbl.filter(pc.invert(pc.is_in(file_no, value_set=pa.array(list(broken), pa.int32()))))
+            tbl = tbl.filter(pc.invert(pc.is_in(tbl.column("__file"), value_set=pa.array(list(broken), pa.int32()))))
     return tbl, report
 
 
