@@ -225,7 +225,7 @@ def test_duckdb_reads_the_store_where_installed(tmp_path):
     write_evals(out, 4)
     store.compact(out)
     write_evals(out, 2, start=4)
-    n = duckdb.sql(f"select count(*) from '{out}/results/*.parquet' where split = 'test'").fetchone()[0]
+    [(n,)] = duckdb.sql(f"select count(*) from '{out}/results/*.parquet' where split = 'test'").fetchall()
     assert n == 6
 
 
