@@ -4,7 +4,6 @@ done-key read of a resume, and stage keys built without re-encoding. Every file 
 the real ``results.write_stage`` or the real compaction; a crash is a real killed process."""
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import shutil
@@ -13,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 
 import results
