@@ -240,6 +240,7 @@ def main() -> None:
     ap.add_argument("--rows", default="10000,100000", help="table/plot sizes in result rows (1000000 too)")
     ap.add_argument("--dry-run", type=int, default=100_000, help="stages of the dry run over its evals' results (0: skip)")
     ap.add_argument("--work", help="where the stores are written (kept; reused when there); default: a temp folder")
+    ap.add_argument("--compacted-only", action="store_true", help="skip the per-eval worst case (minutes each)")
     ap.add_argument("--json", help="also write the measurements here")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -267,6 +268,8 @@ def main() -> None:
         if a.dry_run:
             rows = a.dry_run  # a plan of N stages has N/2 evals: N result rows
             for layout, d in stores(work, rows).items():
+                if a.compacted_only and layout != "compacted":
+                    continue
                 m = child(f"dry:{a.dry_run}:{d}")
                 if m:
                     label = f"dry run {a.dry_run:,} stages, {rows // 2:,} evals done, {layout}"
@@ -275,7 +278,7 @@ def main() -> None:
         for rows in (int(x) for x in a.rows.split(",") if x):
             st = stores(work, rows)
             for kind in ("table", "plot"):
-                for layout in ("compacted", "small"):
+                for layout in ("compacted",) if a.compacted_only else ("compacted", "small"):
                     d = st[layout]
                     if layout == "small":  # the first call compacts: measure it on a copy
                         d = work / f"copy-{rows}"

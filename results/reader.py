@@ -274,6 +274,11 @@ def latest(tbl: pa.Table) -> pa.Table:
     """``tbl`` (from ``load_checked(..., file_index=True)``) deduplicated (``latest_mask``)."""
     if not tbl.num_rows:
         return tbl
+    if "__file" in tbl.column_names and pc.min_max(tbl.column("__file")).as_py()["min"] == \
+            pc.min_max(tbl.column("__file")).as_py()["max"]:
+        # one file: a stage file is one write, a part is already deduplicated (results.compact),
+        # so every row stays (a compacted store of 1M rows skips factorizing 1M keys)
+        return tbl
     col = lambda c: tbl.column(c).to_numpy(zero_copy_only=False)  # noqa: E731
     w = pc.fill_null(tbl.column("written_at").cast(pa.int64()), _NO_TIME).to_numpy(zero_copy_only=False)
     mask = latest_mask(col("key"), pc.fill_null(tbl.column("split"), "").to_numpy(zero_copy_only=False), w,
@@ -318,9 +323,11 @@ def load(out_dir: str | Path | Iterable[str | Path], table: str = "results", ded
 
 
 def load_report(out_dir: str | Path | Iterable[str | Path], table: str = "results", dedup: bool = True,
-                extra: bool | Iterable[str] = True, columns: Iterable[str] | None = None
-                ) -> tuple[pd.DataFrame, Report]:
-    """``load`` and the ``Report`` of the files it left out (for ``bdgrid table``'s note)."""
+                extra: bool | Iterable[str] = True, columns: Iterable[str] | None = None,
+                split: str | None = None) -> tuple[pd.DataFrame, Report]:
+    """``load`` and the ``Report`` of the files it left out (for ``bdgrid table``'s note).
+    ``split``: only the rows of that split, after deduplication (rows without a split count
+    as 'test', as ``results.tables.select`` has it), so pandas never holds the others."""
     want = None if columns is None else set(columns)
     extra_keys = None if isinstance(extra, bool) else list(extra)
     if want is not None:
@@ -330,6 +337,8 @@ def load_report(out_dir: str | Path | Iterable[str | Path], table: str = "result
     say(report)
     if dedup:
         tbl = latest(tbl)
+    if split is not None:
+        tbl = tbl.filter(pc.equal(pc.fill_null(tbl.column("split"), "test"), split))
     if columns is not None:  # what was read only for the checks is not the caller's
         tbl = tbl.select([c for c in schema(table).names if c in want])
     else:

@@ -49,7 +49,7 @@ def table(
     filters = _filters(filter_)
     maybe_compact(out)  # many small per-stage files: folded into parts first (results.compact)
     read, extra = columns_needed(metrics, rows, cols, filters)
-    df, report = load_report(out, columns=read, extra=extra)  # damaged files are named on stderr and left out
+    df, report = load_report(out, columns=read, extra=extra, split=split)  # damaged files are named on stderr and left out
     damaged = report.damaged
     try:
         text, notes = render(df, fmt, metrics=metrics, rows=rows, cols=cols, filters=filters, split=split,
