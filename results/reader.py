@@ -328,14 +328,20 @@ def load_report(out_dir: str | Path | Iterable[str | Path], table: str = "result
     """``load`` and the ``Report`` of the files it left out (for ``bdgrid table``'s note).
     ``split``: only the rows of that split, after deduplication (rows without a split count
     as 'test', as ``results.tables.select`` has it), so pandas never holds the others."""
-    want = None if columns is None else set(columns)
+    asked = None if columns is None else set(columns)
+    want = None if asked is None else set(asked)
     extra_keys = None if isinstance(extra, bool) else list(extra)
     if want is not None:
-        # deduplication needs the identity of a write; extra keys come from the extra column
-        want |= {"key", "split", "written_at"} | ({"extra"} if extra_keys or extra is True else set())
+        # deduplication needs the identity of a write (not when one file holds every row: see
+        # ``latest``; the 64-character keys of 1M rows were a fifth of a table's read); extra
+        # keys come from the extra column
+        dirs = [out_dir] if isinstance(out_dir, (str, Path)) else list(out_dir)
+        single = sum(len(files(d, table)) for d in dirs) <= 1
+        want |= {"split"} | (set() if single else {"key", "written_at"}) \
+            | ({"extra"} if extra_keys or extra is True else set())
     tbl, report = load_checked(out_dir, table, columns=want, file_index=True)
     say(report)
-    if dedup:
+    if dedup and "key" in tbl.column_names:
         tbl = latest(tbl)
     if split is not None:
         tbl = tbl.filter(pc.equal(pc.fill_null(tbl.column("split"), "test"), split))
@@ -347,6 +353,8 @@ def load_report(out_dir: str | Path | Iterable[str | Path], table: str = "result
     df = tbl.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype(), pa.int32(): pd.Int32Dtype()}.get)
     if extra is not False and not (extra_keys is not None and not extra_keys):
         df = expand_extra(df, extra_keys)
+    if asked is not None:  # what was read only to deduplicate, filter or expand is not the caller's
+        df = df.drop(columns=[c for c in want - asked if c in df.columns])
     return df, report
 
 
