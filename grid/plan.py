@@ -18,11 +18,13 @@ also register ``version=`` to invalidate only their own stages.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from grid.spec import STAGE_KINDS, Cell, LoadedSpec, canon, expand
+from grid.spec import STAGE_KINDS, Cell, LoadedSpec, expand
 
 CODE_VERSION = {"data": 1, "resource": 2, "attack": 1, "import": 1, "prepare": 2, "defense": 2, "eval": 1}
 # an import stage reads a model and scores it on the test set, as an eval does: it runs with eval's resources
@@ -118,13 +120,58 @@ def ancestors(plan: Plan, keys) -> set[str]:
 
 
 def stage_key(kind: str, config: dict, parents: tuple[str, ...]) -> str:
-    blob = canon({"kind": kind, "version": CODE_VERSION[kind], "config": config, "parents": list(parents)})
+    # the bytes of canon({"kind", "version", "config", "parents"}) with its keys in sorted order,
+    # written out so that only the config goes through the JSON encoder (the parents are hex
+    # keys and the kind a plain name: nothing to escape); tests/test_results_store.py checks
+    # that this equals the canon() of the whole dict
+    blob = (f'{{"config":{_CANON(config)},"kind":"{kind}","parents":['
+            + ",".join(f'"{p}"' for p in parents) + f'],"version":{CODE_VERSION[kind]}}}')
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _canon_encoder():
+    """grid.spec.canon as one prebuilt encoder. ``json.dumps`` with these options builds a
+    JSONEncoder and then the C encoder on every call; for the planner's small configs that was
+    a third of the encoding time. The C encoder built here is the one json.dumps itself uses
+    (``json.encoder.c_make_encoder``, same arguments), so the bytes are the same
+    (tests/test_results_store.py compares every key of a plan with canon())."""
+    enc = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # a Python without the C accelerator
+        return enc.encode
+    c = make(None, enc.default, json.encoder.encode_basestring_ascii, None, ":", ",", True, False, True)
+    return lambda obj: "".join(c(obj, 0)) if isinstance(obj, (dict, list)) else enc.encode(obj)
+
+
+_CANON = _canon_encoder()
+_RESOLVED: dict = {}  # (id(entry), canon(params)) -> (entry, resolved params, their canon())
+
+
+def _resolved_canon(entry, params: dict) -> tuple[dict, str]:
+    """The entry's params dataclass built from ``params`` (defaults filled in) as a plain dict,
+    and its canonical JSON. Built once per distinct (entry, params): a grid asks for the same
+    few thousand times, and ``dataclasses.asdict`` (which deep-copies every value) was a third
+    of the planner's time. Each call gets its own copy of the top-level dict."""
+    ck = (id(entry), _CANON(params) if params else "{}")
+    hit = _RESOLVED.get(ck)
+    if hit is None or hit[0] is not entry:
+        p = entry.make_params(params)
+        d = {} if p is None else dataclasses.asdict(p)
+        hit = _RESOLVED[ck] = (entry, d, _CANON(d))
+    return dict(hit[1]), hit[2]
+
+
 def _resolved(entry, params: dict) -> dict:
-    p = entry.make_params(params)
-    return {} if p is None else dataclasses.asdict(p)
+    return _resolved_canon(entry, params)[0]
+
+
+@functools.lru_cache(maxsize=1024)
+def _recipe(name: str, dataset: str, epochs) -> dict:
+    """The training recipe as a plain dict, built once per (recipe, dataset, epochs) instead of
+    once per cell (``dataclasses.asdict`` deep-copies it)."""
+    from defense.train import get_recipe
+
+    return dataclasses.asdict(get_recipe(name, dataset, epochs=epochs))
 
 
 def sweep_label(name: str, user: dict, swept: list[str]) -> str:
@@ -140,12 +187,13 @@ def build_plan(ls: LoadedSpec, cells: list | None = None, with_defenses: bool = 
     s = ls.spec
     plan = Plan({}, 0, s.name, ls.hash, s.resources)
     cells = expand(ls) if cells is None else cells
+    sweeps = {("defenses", i): sorted(d.sweep or {}) for i, d in enumerate(s.defenses)}  # once, not per defense
     for cell, defenses in cells:
         cs = add_cell(plan, ls, cell) if isinstance(cell, Cell) else add_model_cell(plan, ls, cell)
         for dc in defenses if with_defenses else ():
             if dc.name == "none":
                 continue
-            sweep_keys = sorted(next((d.sweep for i, d in enumerate(s.defenses) if ("defenses", i) == dc.where), {}))
+            sweep_keys = sweeps.get(dc.where, [])
             label = dc.label if dc.label != dc.name else sweep_label(dc.name, dc.params_dict, sweep_keys)
             add_defense(plan, ls, cs, dc.name, dc.params_dict, label, info=tuned_info(ls, s.defenses[dc.where[1]]))
     plan.cells = len(plan.cell_stages)
@@ -168,21 +216,20 @@ def add_cell(plan: Plan, ls: LoadedSpec, cell: Cell) -> CellStages:
     from defense.attacks import ATTACKS
     from defense.data import DATASETS
     from defense.methods import DEFENSES
-    from defense.train import get_recipe
 
     if cell in plan.cell_stages:
         return plan.cell_stages[cell]
     s = ls.spec
     ds, atk = s.datasets[cell.dataset], s.attacks[cell.attack]
-    recipe = dataclasses.asdict(get_recipe(s.recipe, ds.name, epochs=s.epochs))  # paper: the dataset's epochs
+    recipe = dict(_recipe(s.recipe, ds.name, s.epochs))  # paper: the dataset's epochs
     data = plan.add("data", {"dataset": ds.name, "params": _resolved(DATASETS.get(ds.name), ds.params)}, (),
                     run={"root": ds.root, "base_dir": str(ls.base_dir)}, info={"dataset": ds.name})
     aentry = ATTACKS.get(atk.name)
-    aparams = _resolved(aentry, atk.params)
-    dparams = _resolved(DATASETS.get(ds.name), ds.params)
-    ident = {"dataset": ds.name, "arch": cell.arch, "attack": atk.name, "attack_params": canon(aparams),
+    aparams, aparams_json = _resolved_canon(aentry, atk.params)
+    dparams_json = _resolved_canon(DATASETS.get(ds.name), ds.params)[1]
+    ident = {"dataset": ds.name, "arch": cell.arch, "attack": atk.name, "attack_params": aparams_json,
              "pratio": cell.pratio, "target": s.target, "seed": cell.seed, "recipe": recipe["name"],
-             "epochs": recipe["epochs"], "dataset_params": canon(dparams), "defender_ratio": s.defender_ratio,
+             "epochs": recipe["epochs"], "dataset_params": dparams_json, "defender_ratio": s.defender_ratio,
              "val_ratio": s.val_ratio}
     parents: tuple = (data.key,)
     if aentry.meta.get("resources"):
@@ -199,10 +246,10 @@ def add_cell(plan: Plan, ls: LoadedSpec, cell: Cell) -> CellStages:
                                  "val_ratio": s.val_ratio, "version": aentry.meta.get("version", 1)},
                       parents, info=dict(ident))
     # the no-defense rows of every cell: evaluate the backdoored model itself
-    none_params = _resolved(DEFENSES.get("none"), {})
+    none_params, none_json = _resolved_canon(DEFENSES.get("none"), {})
     ev = plan.add("eval", {"defense": "none", "params": none_params, "val_ratio": s.val_ratio},
                   (data.key, attack.key), info={**ident, "defense": "none", "defense_name": "none",
-                                                "params": canon(none_params)})
+                                                "params": none_json})
     cs = CellStages(cell, ident, data.key, attack.key, ev.key)
     plan.cell_stages[cell] = cs
     return cs
@@ -251,8 +298,8 @@ def add_defense(plan: Plan, ls: LoadedSpec, cs: CellStages, name: str, params: d
 
     s = ls.spec
     dentry = DEFENSES.get(name)
-    dparams = _resolved(dentry, params)
-    dident = {**cs.ident, "defense": label, "defense_name": name, "params": canon(dparams), **(info or {})}
+    dparams, dparams_json = _resolved_canon(dentry, params)
+    dident = {**cs.ident, "defense": label, "defense_name": name, "params": dparams_json, **(info or {})}
     dparents: tuple = (cs.data, cs.attack)
     seed = cs.cell.seed
     if dentry.meta.get("prepare") is not None:

@@ -70,10 +70,20 @@ class RunResult:
 def done_evals(out: Path, moved: list | None = None) -> dict[str, set]:
     """{eval key: splits whose intact rows are in ``<out>/results``}. Damaged files (checksum,
     invariants) count as not done; with ``moved`` (a real run, holding the folder's lock) they
-    are also set aside into ``<out>/damaged/`` in the same read, and listed in ``moved``."""
+    are also set aside into ``<out>/damaged/`` in the same read, and listed in ``moved``, and
+    a folder of many small result files (a run killed before its end) is compacted first.
+    Only the key and split columns are decoded (and those the row checks need): of a compacted
+    store that is a few column chunks per part, not every row."""
     from results.reader import load_checked, say
 
-    tbl, report = load_checked(out)
+    if moved is not None:
+        from results.compact import compact_run
+
+        try:
+            compact_run(out, locked=True)  # damaged files are left out of it and set aside below
+        except OSError as e:  # a full disk: the small files stay, readable as they are
+            print(f"note: results not compacted: {e}", file=sys.stderr)
+    tbl, report = load_checked(out, columns=("key", "split"))
     say(report)
     if moved is not None:
         from results.writer import set_aside
@@ -630,6 +640,13 @@ class Runner:
 
         self.res.wall_s = time.time() - self.t0
         try:
+            if not self.running:  # no task is still writing: fold many small result files into parts
+                from results.compact import compact_run
+
+                try:
+                    compact_run(self.out, locked=True)
+                except OSError as e:  # a full disk: the small files stay, readable as they are
+                    self.console.print(f"[yellow]note[/] results not compacted: {e}", highlight=False)
             self.prog.update(finished=not self.running, force=True)
             self.prog.stop()
             try:

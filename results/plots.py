@@ -193,13 +193,17 @@ def plot(out_dir: str | Path, kind: str, dest: str | Path | None = None, filters
          split: str = "test", metrics: Sequence[str] | None = None) -> list[Path]:
     """Draw ``kind`` from the results under ``out_dir``; files go to ``dest`` (default
     ``<out>/figures``). Returns the written paths."""
-    from results.reader import load
+    from results.compact import maybe_compact
+    from results.reader import load, load_report
+    from results.tables import columns_needed
 
     dest = Path(dest) if dest else Path(out_dir) / "figures"
-    if kind == "acc-asr":
-        return acc_asr(load(out_dir), dest, filters, split)
-    if kind == "tsbd-n":
-        return tsbd_n(load(out_dir), dest, filters, split)
+    if kind in ("acc-asr", "tsbd-n"):
+        maybe_compact(out_dir)  # many small per-stage files: folded into parts first (results.compact)
+        # only what the figure reads: the table's columns, the neuron ratio and its key in extra
+        read, extra = columns_needed(filters=filters)
+        df = load_report(out_dir, columns=[*read, "chosen_n"], extra=[*extra, "n"], split=split)[0]
+        return (acc_asr if kind == "acc-asr" else tsbd_n)(df, dest, filters, split)
     if kind == "curves":
         return curves(load(out_dir, table="curves"), dest, filters, metrics)
     raise ValueError(f"unknown plot kind '{kind}'; valid: {', '.join(KINDS)}")

@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from results.integrity import DAMAGED, UNCHECKED, check_file, invariant_violations
+from results.integrity import DAMAGED, METRIC_COLUMNS, OK, UNCHECKED, check_bytes, invariant_violations
 from results.schema import SCHEMA_VERSION, schema, to_table
 
 DAMAGED_DIR = "damaged"  # as results.writer.DAMAGED_DIR (not imported: the reader never writes)
@@ -64,10 +64,6 @@ def upgrade(tbl: pa.Table, table: str = "results") -> pa.Table:
     # are flat dicts of the then-current keys, so conform() maps known names onto columns,
     # converts epoch-seconds times and keeps the rest in `extra`; schema_version stays 1.
     return to_table(tbl.to_pylist(), table)
-
-
-def _read(path: Path, table: str) -> pa.Table:
-    return upgrade(pq.read_table(path), table)
 
 
 @dataclass
@@ -107,71 +103,105 @@ def _reason(e: Exception) -> str:
     return f"not readable as Parquet ({type(e).__name__}: {first[:200]})"
 
 
-def _scan_fast(paths: list[Path], table: str) -> pa.Table | None:
-    """One multi-threaded scan of files that all have the current schema (about 10x faster than
-    file by file for thousands of stages), with ``__filename`` per row; None when some file is
-    of another version or layout (then read file by file)."""
-    cols = schema(table).names + ["__filename"]
+def _parse(blob: bytes, table: str, cols: list[str]) -> pa.Table:
+    """``cols`` of one file's bytes, on the current schema. A file of the current version is read
+    column by column (the others are never decoded); an older one is read whole and upgraded."""
+    pf = pq.ParquetFile(pa.BufferReader(blob))
+    if pf.schema_arrow.equals(schema(table)):
+        t = pf.read(columns=list(dict.fromkeys([*cols, "schema_version"])), use_threads=False)
+        if not t.num_rows or pc.all(pc.equal(t.column("schema_version"), SCHEMA_VERSION)).as_py():
+            return t.select(cols)
+    return upgrade(pf.read(use_threads=False), table).select(cols)
+
+
+def _one(path: Path, table: str, cols: list[str], check: bool):
+    """(status, why, table) of one file: its bytes are read once, for the checksum and the rows."""
     try:
-        tbl = ds.dataset([str(p) for p in paths], schema=schema(table), format="parquet").to_table(columns=cols)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError):
-        return None
-    if set(tbl.column("schema_version").unique().to_pylist()) <= {SCHEMA_VERSION}:
-        return tbl
-    return None
+        blob = path.read_bytes()
+    except OSError as e:
+        return DAMAGED, f"unreadable ({e.strerror or e})", None
+    status, why = check_bytes(blob) if check else (OK, None)
+    if status == DAMAGED:
+        return status, why, None
+    try:
+        return status, None, _parse(blob, table, cols)
+    except NewerSchema as e:
+        raise NewerSchema(f"{path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any unreadable file is named, never a traceback
+        return DAMAGED, _reason(e), None
 
 
-def _scan_each(paths: list[Path], table: str, report: Report) -> pa.Table:
-    def one(p: Path):
-        try:
-            t = _read(p, table)
-        except NewerSchema as e:
-            raise NewerSchema(f"{p}: {e}") from None
-        except Exception as e:  # noqa: BLE001 - any unreadable file is named, never a traceback
-            return p, None, _reason(e)
-        return p, t.append_column("__filename", pa.array([str(p)] * t.num_rows, pa.string())), None
+_BATCH = 1000  # files read before their tables are joined into one
+_THREADED = 64  # up to this many files are read on two threads
+INVARIANT_COLUMNS = ("defense",) + METRIC_COLUMNS  # what results.integrity.invariant_violations reads
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        got = list(pool.map(one, paths))
-    report.damaged += [(p, why) for p, t, why in got if t is None]
-    tables = [t for _, t, _ in got if t is not None]
-    if not tables:
-        return schema(table).empty_table().append_column("__filename", pa.array([], pa.string()))
-    return pa.concat_tables(tables)
+
+def scan(paths: list[Path], table: str = "results", check: bool = True, columns: Iterable[str] | None = None
+         ) -> tuple[pa.Table, Report]:
+    """The intact rows of the result files ``paths`` (not deduplicated), ``columns`` only (default
+    all; the columns the checks need are read as well), with an int32 ``__file`` column: the
+    index in ``paths`` of each row's file. See ``load_checked``.
+
+    Each file is read into memory once, its checksum checked on those bytes and its columns
+    parsed from them (``pyarrow.parquet.ParquetFile``): about 0.5 ms of CPU per small file for the
+    key columns, where a ``pyarrow.dataset`` scan took 1.2 ms (2,000 per-eval files, this
+    machine). A compacted store is a few large files, read whole in well under a second."""
+    paths = list(paths)
+    report = Report()
+    sch = schema(table)
+    cols = list(sch.names) if columns is None else [c for c in sch.names if c in set(columns)]
+    if check and table != "curves":
+        cols += [c for c in INVARIANT_COLUMNS if c not in cols]
+    chunks, file_no = [], []
+    for lo in range(0, len(paths), _BATCH):
+        batch = paths[lo:lo + _BATCH]
+        if len(paths) <= _THREADED:  # a few large files (parts): sha256 and decoding release the GIL
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                got = list(pool.map(lambda p: _one(p, table, cols, check), batch))
+        else:  # thousands of small ones are bound by Python: threads only add contention
+            got = [_one(p, table, cols, check) for p in batch]
+        report.damaged += [(p, why) for p, (st, why, _) in zip(batch, got) if st == DAMAGED]
+        report.unchecked += [p for p, (st, _, _) in zip(batch, got) if st == UNCHECKED]
+        ok = [(lo + i, t) for i, (_, _, t) in enumerate(got) if t is not None]
+        if ok:
+            # one table per batch: thousands of one-file tables cost ~60 KB each and make every
+            # later kernel walk thousands of chunks (compacting 50k files peaked at 3.3 GB)
+            chunks.append(pa.concat_tables([t for _, t in ok]).combine_chunks())
+            file_no.append(np.repeat(np.array([i for i, _ in ok], np.int32), [t.num_rows for _, t in ok]))
+    if not chunks:
+        return sch.empty_table().select(cols).append_column("__file", pa.array([], pa.int32())), report
+    tbl = pa.concat_tables(chunks)
+    file_no = np.concatenate(file_no)
+    tbl = tbl.append_column("__file", pa.array(file_no, pa.int32()))
+    if check and table != "curves" and tbl.num_rows:
+        broken: dict[int, str] = {}
+        for i, why in invariant_violations(tbl):
+            broken.setdefault(int(file_no[i]), f"row invariant broken: {why}")
+        if broken:
+            report.damaged += [(paths[f], why) for f, why in broken.items()]
+            tbl = tbl.filter(pc.invert(pc.is_in(tbl.column("__file"), value_set=pa.array(list(broken), pa.int32()))))
+    return tbl, report
 
 
 def load_checked(out_dir: str | Path | Iterable[str | Path], table: str = "results",
-                 check: bool = True) -> tuple[pa.Table, Report]:
-    """All intact files of ``table`` under one or several run directories, as one current-schema
-    Table (not deduplicated), and the ``Report`` of what was left out and why.
+                 check: bool = True, columns: Iterable[str] | None = None,
+                 file_index: bool = False) -> tuple[pa.Table, Report]:
+    """All intact files of ``table`` under one or several run directories (per-stage files and
+    compacted parts alike, ``results.compact``), as one current-schema Table (not deduplicated),
+    and the ``Report`` of what was left out and why. ``columns``: read only these (the others
+    are never decoded); ``file_index``: keep the ``__file`` column (which file each row is from,
+    as an index into ``files``), for ``latest``.
 
     A file is left out when its checksum fails, it is not readable as Parquet, or (results and
     trials) one of its rows breaks an invariant (``results.integrity``). ``check=False`` reads
     as bdgrid did before these checks (no checksums, no invariants): only for the cost
     measurement in ``bench/integrity_cost.py``."""
     dirs = [out_dir] if isinstance(out_dir, (str, Path)) else list(out_dir)
-    paths = [p for d in dirs for p in files(d, table)]
-    report = Report()
-    if not paths:
-        return schema(table).empty_table(), report
-    if check:
-        with ThreadPoolExecutor(max_workers=8) as pool:  # hashlib releases the GIL on large buffers
-            status = list(pool.map(check_file, paths))
-        report.damaged += [(p, why) for p, (st, why) in zip(paths, status) if st == DAMAGED]
-        report.unchecked += [p for p, (st, _) in zip(paths, status) if st == UNCHECKED]
-        paths = [p for p, (st, _) in zip(paths, status) if st != DAMAGED]
-    tbl = (_scan_fast(paths, table) if paths else None)
-    if tbl is None:
-        tbl = _scan_each(paths, table, report)
-    if check and table != "curves" and tbl.num_rows:
-        names = tbl.column("__filename")
-        broken: dict[str, str] = {}
-        for i, why in invariant_violations(tbl):
-            broken.setdefault(names[i].as_py(), f"row invariant broken: {why}")
-        if broken:
-            report.damaged += [(Path(f), why) for f, why in broken.items()]
-            tbl = tbl.filter(pc.invert(pc.is_in(names, value_set=pa.array(list(broken), pa.string()))))
-    return tbl.drop_columns(["__filename"]), report
+    tbl, report = scan([p for d in dirs for p in files(d, table)], table, check, columns)
+    if columns is not None:
+        want = [c for c in schema(table).names if c in set(columns)]
+        tbl = tbl.select(want + ["__file"])
+    return (tbl if file_index else tbl.drop_columns(["__file"])), report
 
 
 def load_arrow(out_dir: str | Path | Iterable[str | Path], table: str = "results") -> pa.Table:
@@ -187,8 +217,9 @@ def done_keys(out_dir: str | Path, set_aside: bool = False) -> set[str]:
 
     With a ``split`` column a key is done when its rows cover at least two splits (an eval
     writes test and val). Damaged files are left out (their stages are not done); with
-    ``set_aside`` they are also moved to ``<out>/damaged/`` (a real run, not a dry one)."""
-    tbl, report = load_checked(out_dir, "results")
+    ``set_aside`` they are also moved to ``<out>/damaged/`` (a real run, not a dry one).
+    Only the key and split columns are decoded (and those the row checks need)."""
+    tbl, report = load_checked(out_dir, "results", columns=["key", "split"])
     say(report)
     if set_aside and report.damaged:
         from results.writer import set_aside as move
@@ -203,52 +234,127 @@ def done_keys(out_dir: str | Path, set_aside: bool = False) -> set[str]:
     return set(n[n >= 2].index)
 
 
+_NO_TIME = np.iinfo(np.int64).min  # a missing written_at (pandas' own NaT value)
+
+
 def dedupe(df: pd.DataFrame) -> pd.DataFrame:
-    """Keep, per (key, split), only the rows of the latest write."""
+    """Keep, per (key, split), only the rows of the latest write (see ``latest_mask``)."""
     if df.empty:
         return df
-    group = [df["key"], df["split"].fillna("")]
-    latest = df.groupby(group, dropna=False)["written_at"].transform("max")
-    keep = (df["written_at"] == latest) | latest.isna()
+    w = pd.to_datetime(df["written_at"], utc=True).array.asi8  # NaT -> _NO_TIME
+    keep = latest_mask(df["key"].to_numpy(), df["split"].fillna("").to_numpy(), w,
+                       df["__file"].to_numpy() if "__file" in df else None)
     return df[keep].reset_index(drop=True)
 
 
-def expand_extra(df: pd.DataFrame) -> pd.DataFrame:
+def latest_mask(key: np.ndarray, split: np.ndarray, written_at: np.ndarray, file_no: np.ndarray | None = None
+                ) -> np.ndarray:
+    """Which rows survive deduplication: per (key, split) the rows of the latest ``written_at``
+    (int64 microseconds, ``_NO_TIME`` where missing): a re-run stage, or the same stage copied
+    in from another run folder, replaces the older rows; the rows of one write all stay. When
+    one write is in two files (a part and the per-stage file it was compacted from, after a
+    crash between writing the part and removing the file: ``results.compact``) only the copy
+    in the lowest ``file_no`` stays. Rows without a time (very old files) all stay where their
+    (key, split) has no timed row."""
+    k = pd.factorize(key)[0].astype(np.int64)
+    s = pd.factorize(split)[0].astype(np.int64)
+    g = k * (int(s.max(initial=0)) + 2) + s
+    if not pd.Series(g).duplicated().any():
+        return np.ones(len(g), dtype=bool)  # one row per (key, split): nothing to drop (a compacted store)
+    w = np.asarray(written_at, dtype=np.int64)
+    keep = w == pd.Series(w).groupby(g).transform("max").to_numpy()
+    if file_no is not None:
+        f = np.asarray(file_no)
+        first = pd.Series(f).groupby([k, w]).transform("min").to_numpy()
+        keep &= (f == first) | (w == _NO_TIME)
+    return keep
+
+
+def latest(tbl: pa.Table) -> pa.Table:
+    """``tbl`` (from ``load_checked(..., file_index=True)``) deduplicated (``latest_mask``)."""
+    if not tbl.num_rows:
+        return tbl
+    if "__file" in tbl.column_names and pc.min_max(tbl.column("__file")).as_py()["min"] == \
+            pc.min_max(tbl.column("__file")).as_py()["max"]:
+        # one file: a stage file is one write, a part is already deduplicated (results.compact),
+        # so every row stays (a compacted store of 1M rows skips factorizing 1M keys)
+        return tbl
+    col = lambda c: tbl.column(c).to_numpy(zero_copy_only=False)  # noqa: E731
+    w = pc.fill_null(tbl.column("written_at").cast(pa.int64()), _NO_TIME).to_numpy(zero_copy_only=False)
+    mask = latest_mask(col("key"), pc.fill_null(tbl.column("split"), "").to_numpy(zero_copy_only=False), w,
+                       col("__file") if "__file" in tbl.column_names else None)
+    return tbl if mask.all() else tbl.filter(pa.array(mask))
+
+
+def expand_extra(df: pd.DataFrame, keys: Iterable[str] | None = None) -> pd.DataFrame:
     """Keys kept in the ``extra`` JSON column become columns of their own (where no column of
-    that name exists), so values a newer writer added are visible to tables and plots."""
+    that name exists), so values a newer writer added are visible to tables and plots.
+    ``keys``: only these (each distinct ``extra`` string is parsed once); default every key."""
     if df.empty or "extra" not in df.columns or df["extra"].isna().all():
         return df
-    parsed = df["extra"].map(lambda s: json.loads(s) if isinstance(s, str) else {})
-    keys = sorted({k for d in parsed for k in d} - set(df.columns))
-    if not keys:
+    want = None if keys is None else [k for k in keys if k not in df.columns]
+    if want is not None and not want:
         return df
-    cols = pd.DataFrame({k: parsed.map(lambda d, k=k: d.get(k)) for k in keys}, index=df.index)
-    return pd.concat([df, cols], axis=1)
+    codes, uniques = pd.factorize(df["extra"])  # equal strings parsed once
+    parsed = [json.loads(s) if isinstance(s, str) else {} for s in uniques]
+    names = sorted({k for d in parsed for k in d} - set(df.columns)) if want is None else \
+        [k for k in want if any(k in d for d in parsed)]
+    if not names:
+        return df
+    cols = {}
+    for k in names:
+        vals = np.array([d.get(k) for d in parsed] + [None], dtype=object)
+        cols[k] = vals[codes]  # code -1 (no extra) -> the trailing None
+    return pd.concat([df, pd.DataFrame(cols, index=df.index)], axis=1)
 
 
 def load(out_dir: str | Path | Iterable[str | Path], table: str = "results", dedup: bool = True,
-         extra: bool = True) -> pd.DataFrame:
+         extra: bool | Iterable[str] = True, columns: Iterable[str] | None = None) -> pd.DataFrame:
     """The results (or curves) of one or several run directories as a pandas DataFrame.
 
     Columns are those of ``results.schema`` (metrics as fractions, times as UTC timestamps),
-    plus the keys of ``extra`` when ``extra`` is true. An empty or missing directory gives an
-    empty frame that still has the schema's columns. Damaged files are left out and named on
-    stderr (``load_report`` also returns them).
+    plus the keys of ``extra`` when ``extra`` is true (or the keys listed in ``extra``).
+    ``columns``: only these schema columns are read (a table names what it prints; the rest of
+    the files is never decoded). An empty or missing directory gives an empty frame that still
+    has the schema's columns. Damaged files are left out and named on stderr (``load_report``
+    also returns them).
     """
-    return load_report(out_dir, table, dedup, extra)[0]
+    return load_report(out_dir, table, dedup, extra, columns)[0]
 
 
 def load_report(out_dir: str | Path | Iterable[str | Path], table: str = "results", dedup: bool = True,
-                extra: bool = True) -> tuple[pd.DataFrame, Report]:
-    """``load`` and the ``Report`` of the files it left out (for ``bdgrid table``'s note)."""
-    tbl, report = load_checked(out_dir, table)
+                extra: bool | Iterable[str] = True, columns: Iterable[str] | None = None,
+                split: str | None = None) -> tuple[pd.DataFrame, Report]:
+    """``load`` and the ``Report`` of the files it left out (for ``bdgrid table``'s note).
+    ``split``: only the rows of that split, after deduplication (rows without a split count
+    as 'test', as ``results.tables.select`` has it), so pandas never holds the others."""
+    asked = None if columns is None else set(columns)
+    want = None if asked is None else set(asked)
+    extra_keys = None if isinstance(extra, bool) else list(extra)
+    if want is not None:
+        # deduplication needs the identity of a write (not when one file holds every row: see
+        # ``latest``; the 64-character keys of 1M rows were a fifth of a table's read); extra
+        # keys come from the extra column
+        dirs = [out_dir] if isinstance(out_dir, (str, Path)) else list(out_dir)
+        single = sum(len(files(d, table)) for d in dirs) <= 1
+        want |= {"split"} | (set() if single else {"key", "written_at"}) \
+            | ({"extra"} if extra_keys or extra is True else set())
+    tbl, report = load_checked(out_dir, table, columns=want, file_index=True)
     say(report)
+    if dedup and "key" in tbl.column_names:
+        tbl = latest(tbl)
+    if split is not None:
+        tbl = tbl.filter(pc.equal(pc.fill_null(tbl.column("split"), "test"), split))
+    if columns is not None:  # what was read only for the checks is not the caller's
+        tbl = tbl.select([c for c in schema(table).names if c in want])
+    else:
+        tbl = tbl.drop_columns(["__file"])
     # nullable Int64 keeps seed/target integers even where some rows lack them
     df = tbl.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype(), pa.int32(): pd.Int32Dtype()}.get)
-    if dedup:
-        df = dedupe(df)
-    if extra:
-        df = expand_extra(df)
+    if extra is not False and not (extra_keys is not None and not extra_keys):
+        df = expand_extra(df, extra_keys)
+    if asked is not None:  # what was read only to deduplicate, filter or expand is not the caller's
+        df = df.drop(columns=[c for c in want - asked if c in df.columns])
     return df, report
 
 

@@ -62,18 +62,22 @@ def table(
     output: Optional[Path] = typer.Option(None, "--output", "-O", help="Write the table to this file instead of stdout."),
 ):
     """Attack x defense table of mean ± std over seeds (in %), best defense per row in bold."""
+    from results.compact import maybe_compact
     from results.reader import load_report, run_failures
-    from results.tables import render
+    from results.tables import columns_needed, render
 
     if fmt not in FORMATS:
         _fail(f"unknown format '{fmt}'; valid: {', '.join(FORMATS)}")
     out = _folder(out)
     if not (out / "results").is_dir():
         _fail(f"no results in {out} (expected {out / 'results'}/*.parquet)")
-    df, report = load_report(out)  # damaged files are named on stderr and left out
+    filters = _filters(filter_)
+    maybe_compact(out)  # many small per-stage files: folded into parts first (results.compact)
+    read, extra = columns_needed(metrics, rows, cols, filters)
+    df, report = load_report(out, columns=read, extra=extra, split=split)  # damaged files are named on stderr and left out
     damaged = report.damaged
     try:
-        text, notes = render(df, fmt, metrics=metrics, rows=rows, cols=cols, filters=_filters(filter_), split=split,
+        text, notes = render(df, fmt, metrics=metrics, rows=rows, cols=cols, filters=filters, split=split,
                              digits=digits, compare_with=compare, expected_n=seeds, failures=run_failures(out))
     except ValueError as e:
         _fail(str(e))

@@ -161,6 +161,20 @@ def _filter_hits(df: pd.DataFrame, col: str, allowed: list[str]) -> pd.Series:
     return _matches(df[col], allowed)
 
 
+def columns_needed(metrics: str | Sequence[str] = ("acc", "asr", "der"), rows: str | Sequence[str] = "attack",
+                   cols: str | Sequence[str] = "defense", filters: dict | None = None) -> tuple[list[str], list[str]]:
+    """(schema columns, ``extra`` keys) a table of these rows/cols/filters reads: the identity
+    columns (cells average over them and say so), every metric (the weak-model mark reads
+    ``bd_*``), split, method name and ``tuned_on``; a name the schema lacks is looked up in
+    ``extra``. Provenance (versions, times, keys) is never decoded for a table."""
+    from results.schema import schema
+
+    names = set(schema("results").names)
+    asked = [*IDENTITY, *METRICS, *_as_list(metrics), "split", "defense_name", "tuned_on", *_as_list(rows),
+             *_as_list(cols), *(c.partition(".")[0] for c in (filters or {}))]
+    return sorted({c for c in asked if c in names}), sorted({c for c in asked if c not in names})
+
+
 def select(df: pd.DataFrame, filters: dict[str, list[str]] | None = None, split: str | None = "test") -> pd.DataFrame:
     """Rows of one split (rows without a split count as 'test') that pass every filter.
     ``defense=X`` matches a row's label or its method name (see ``method_names``)."""

@@ -13,6 +13,10 @@ cause (disk full, read-only, no permission) instead of an ``OSError`` traceback;
 untouched. Temporary files left by a killed process are removed by ``clean_stale_tmp(out)``
 at the next start.
 
+Many per-stage files are later folded into large part files by ``results.compact`` (at a run's
+end, or by ``bdgrid table``); the reader treats both alike and keeps, per (key, split), the
+latest write, so re-writing a stage that is already in a part simply supersedes its rows.
+
 A result file that fails its check is never deleted: ``set_aside_damaged`` moves it to
 ``<out>/damaged/<table>/`` (``write_stage`` does so before writing a damaged stage's
 replacement), so what was there can still be looked at.
