@@ -267,11 +267,11 @@ def add_model_cell(plan: Plan, ls: LoadedSpec, mc) -> CellStages:
     if mc in plan.cell_stages:
         return plan.cell_stages[mc]
     s = ls.spec
-    dparams = _resolved(DATASETS.get(mc.dataset), json.loads(mc.dataset_params))
+    dparams, dparams_json = _resolved_canon(DATASETS.get(mc.dataset), json.loads(mc.dataset_params))
     data = plan.add("data", {"dataset": mc.dataset, "params": dparams}, (),
                     run={"root": mc.root, "base_dir": str(ls.base_dir)}, info={"dataset": mc.dataset})
     ident = {"dataset": mc.dataset, "arch": mc.arch, "attack": mc.attack, "attack_params": mc.attack_params,
-             "target": mc.target, "seed": mc.seed, "dataset_params": canon(dparams),
+             "target": mc.target, "seed": mc.seed, "dataset_params": dparams_json,
              "defender_ratio": s.defender_ratio, "val_ratio": s.val_ratio, "model": mc.label, **dict(mc.provenance)}
     if mc.pratio is not None:
         ident["pratio"] = mc.pratio
@@ -280,10 +280,10 @@ def add_model_cell(plan: Plan, ls: LoadedSpec, mc) -> CellStages:
         config.update(attack=mc.attack, attack_params=json.loads(mc.attack_params), pratio=mc.pratio, seed=mc.seed)
     imp = plan.add("import", config, (data.key,), run={"path": mc.path, "backdoor_test": mc.backdoor_test},
                    info=dict(ident))
-    none_params = _resolved(DEFENSES.get("none"), {})
+    none_params, none_json = _resolved_canon(DEFENSES.get("none"), {})
     ev = plan.add("eval", {"defense": "none", "params": none_params, "val_ratio": s.val_ratio},
                   (data.key, imp.key), info={**ident, "defense": "none", "defense_name": "none",
-                                             "params": canon(none_params)})
+                                             "params": none_json})
     cs = CellStages(mc, ident, data.key, imp.key, ev.key)
     plan.cell_stages[mc] = cs
     return cs
