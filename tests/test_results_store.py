@@ -233,11 +233,11 @@ def test_stage_keys_are_the_sha256_of_the_canonical_json_of_the_whole_stage():
     from grid.plan import CODE_VERSION, build_plan
     from grid.spec import canon, parse_spec
 
-    ls, probs = parse_spec("name: k\ndatasets: [synthetic]\narchs: [tiny_cnn]\nattacks: [badnets, wanet]\n"
+    ls, probs = parse_spec("name: k\ndatasets: [synthetic]\narchs: [tiny_cnn]\nattacks: [badnets, wanet, lf]\n"
                            "seeds: [0, 1]\ndefenses: [none, ft, {name: tsbd, sweep: {n: [0.1, 0.3]}}]\n")
     assert not probs
     plan = build_plan(ls)
-    assert len(plan.stages) > 20
+    assert len(plan.stages) > 20 and plan.of_kind("resource")  # lf: a resource stage holding the recipe
     for s in plan.stages.values():
         blob = canon({"kind": s.kind, "version": CODE_VERSION[s.kind], "config": s.config, "parents": list(s.parents)})
         assert s.key == hashlib.sha256(blob.encode()).hexdigest(), s.label
