@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from grid.spec import STAGE_KINDS, Cell, LoadedSpec, expand
+from grid.spec import STAGE_KINDS, Cell, LoadedSpec, expand, paused_gc
 
 CODE_VERSION = {"data": 1, "resource": 2, "attack": 1, "import": 1, "prepare": 2, "defense": 2, "eval": 1}
 # an import stage reads a model and scores it on the test set, as an eval does: it runs with eval's resources
@@ -180,6 +180,7 @@ def sweep_label(name: str, user: dict, swept: list[str]) -> str:
     return f"{name}(" + ",".join(f"{k}={user[k]}" for k in swept) + ")"
 
 
+@paused_gc()
 def build_plan(ls: LoadedSpec, cells: list | None = None, with_defenses: bool = True) -> Plan:
     """The stage DAG of a *validated* spec: every cell (or only ``cells``, (Cell, defenses) pairs
     from ``expand``) with its data, resource, attack and no-defense eval stages, and, with
