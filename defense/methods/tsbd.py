@@ -97,7 +97,8 @@ class TSBDParams:
     auto_budget: float = 0.02
     auto_z: float = 1.0
     auto_ladder: tuple[float, ...] = (0.01, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 0.9)  # tsbd.py's sweep
-    auto_search: Literal["bisect", "ascend"] = "bisect"
+    # the rule that picks n from the held-out signals (tsbd_auto.RULES; README, TSBD, "n: auto")
+    auto_rule: str = "budget"
 
     def __post_init__(self):
         if self.holdout is None:
@@ -119,6 +120,11 @@ class TSBDParams:
             yield "n: auto needs held-out clean data to choose n on: holdout must be > 0 (default 0.2)"
         if self.auto_budget < 0 or self.auto_z < 0:
             yield f"auto_budget and auto_z must be >= 0, got {self.auto_budget}, {self.auto_z}"
+        if self.n == "auto":
+            from defense.methods.tsbd_auto import RULES  # registered with this package; a cycle at import time only
+
+            if self.auto_rule not in RULES:
+                yield f"auto_rule must be one of {', '.join(RULES)}, got {self.auto_rule!r}"
         if not self.auto_ladder or any(not 0.0 <= v <= 1.0 for v in self.auto_ladder):
             yield f"auto_ladder must be values in [0, 1], got {list(self.auto_ladder)}"
         for name in ("lr_un", "ft_lr"):
