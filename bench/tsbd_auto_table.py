@@ -173,8 +173,11 @@ def record(f, dataset, attack, seed, model, poisoned, train_set, test_set, how, 
     if "prep" not in have:
         say(f, kind="prep", **key, cpu=time.process_time() - c0, ue=prep["unlearn_epochs"], knee=nwc_knee(nwc),
             held=len(held), suspect=view["suspect"], suspect_is_target=view["suspect"] == 0)
-    ref = None
-    for n in (0.0,) + tuple(p.auto_ladder):
+    ref, low = None, tuple(n for n in p.auto_ladder if n < 0.1)
+    # the rungs below 0.1 only when 0.1 is over a budget: a rule's bisection reaches them only
+    # then, and the oracle would not prefer them (higher ASR) while 0.1 is within its budget
+    order = [0.0] + [n for n in p.auto_ladder if n >= 0.1]
+    for n in order:
         if ("rung", n) in have and n > 0:
             r = have[("rung", n)]
             sig, v = r["sig"], r["val"]
@@ -188,9 +191,14 @@ def record(f, dataset, attack, seed, model, poisoned, train_set, test_set, how, 
             v, t = ev(net, val_idx), ev(net, test_idx)
             if ("rung", n) not in have:
                 say(f, kind="rung", **key, n=n, cpu=cpu, sig={k: x for k, x in sig.items() if k != "pred"}, val=v, test=t)
-        if (v0["acc"] - v["acc"] > ORACLE_BUDGET and n > 0 and not within_budget(sig, 0.02, 1.0)
+        if n == 0.1 and low and (v0["acc"] - v["acc"] > ORACLE_BUDGET or not within_budget(sig, 0.02, 1.0)
+                                 or not within_budget(sig, 0.02, 1.0, "_ft")):
+            order[order.index(0.1) + 1:order.index(0.1) + 1] = list(low)
+        if (v0["acc"] - v["acc"] > ORACLE_BUDGET and n >= 0.1 and not within_budget(sig, 0.02, 1.0)
                 and not within_budget(sig, 0.02, 1.0, "_ft")):
-            break
+            rest = order[order.index(n) + 1:]
+            del order[order.index(n) + 1:]
+            order.extend(x for x in rest if x < 0.1)  # the low rungs still run; the higher ones do not
     say(f, kind="done", **key)
 
 
@@ -198,7 +206,7 @@ def record(f, dataset, attack, seed, model, poisoned, train_set, test_set, how, 
 # The table, from recorded rows
 # ---------------------------------------------------------------------------------------
 
-def summarise(rows: list[dict], rule: str, budget: float | None = None) -> list[dict]:
+def summarise(rows: list[dict], rule: str, budget: float | None = None, z: float | None = None) -> list[dict]:
     """One row per (dataset, attack, seed): before, fixed 0.1, auto (``rule``), oracle, FT."""
     groups: dict = {}
     for r in rows:
@@ -209,11 +217,14 @@ def summarise(rows: list[dict], rule: str, budget: float | None = None) -> list[
         rungs = sorted({r["n"]: r for r in rs if r["kind"] == "rung"}.values(), key=lambda r: r["n"])  # a resumed run repeats
         row = dict(zip(("dataset", "attack", "seed"), key), before=by["before"]["test"],
                    strengthened=by["before"]["strengthened"], skip=by.get("skip", {}).get("why"))
+        if not row["skip"] and "done" not in by:
+            row["skip"] = "not run to the end (time)"
         if row["skip"] or "prep" not in by or not rungs:
             out.append(row)
             continue
         ladder = [r for r in rungs if r["n"] > 0]
-        p = TSBDParams(n="auto") if budget is None else TSBDParams(n="auto", auto_budget=budget)
+        p = TSBDParams(n="auto")
+        p = replace(p, auto_budget=p.auto_budget if budget is None else budget, auto_z=p.auto_z if z is None else z)
         n_auto, visited = choose(rule, [dict(r["sig"], n=r["n"]) for r in ladder], by["prep"]["knee"], p)
         auto = next(r for r in ladder if r["n"] == n_auto)
         v0 = by["before"]["val"]["acc"]
@@ -251,11 +262,11 @@ def compare(rows: list[dict]) -> str:
     """Every rule (and budget) side by side: runs within the issue's bound (ASR <= 10%, drop <= 5
     points), runs within 5 ASR points of the oracle at no more than 2 ACC points more lost, mean
     ASR and ACC drop, mean Stage-2 runs."""
-    lines = ["| rule | budget | within bound | near oracle | mean ASR | mean ACC drop | worst ASR | worst drop | Stage-2 runs |",
+    lines = ["| rule | budget, z | within bound | near oracle | mean ASR | mean ACC drop | worst ASR | worst drop | Stage-2 runs |",
              "|---|---|---|---|---|---|---|---|---|"]
     for rule in RULES:
-        for budget in ((None,) if rule == "knee" else (0.02, 0.05)):
-            s = [r for r in summarise(rows, rule, budget) if "auto" in r]
+        for budget, z in ([(None, None)] if rule == "knee" else [(0.02, 1.0), (0.02, 0.0), (0.05, 1.0), (0.05, 0.0)]):
+            s = [r for r in summarise(rows, rule, budget, z) if "auto" in r]
             if not s:
                 continue
             drop = [r["before"]["acc"] - r["auto"]["acc"] for r in s]
@@ -263,7 +274,7 @@ def compare(rows: list[dict]) -> str:
             bound = sum(a <= 0.10 and d <= 0.05 for a, d in zip(asr, drop))
             near = sum(r["auto"]["asr"] <= r["oracle"]["asr"] + 0.05 and r["oracle"]["acc"] - r["auto"]["acc"] <= 0.02
                        for r in s)
-            lines.append(f"| {rule} | {budget if budget is not None else '-'} | {bound}/{len(s)} | {near}/{len(s)} | "
+            lines.append(f"| {rule} | {'-' if budget is None else f'{budget}, {z:g}'} | {bound}/{len(s)} | {near}/{len(s)} | "
                          f"{100 * sum(asr) / len(s):.1f} | {100 * sum(drop) / len(s):.1f} | {100 * max(asr):.1f} | "
                          f"{100 * max(drop):.1f} | {sum(r['visited'] for r in s) / len(s):.1f} |")
     return "\n".join(lines)
