@@ -91,14 +91,15 @@ class TSBDParams:
     # None means 0.2 when n is "auto" and 0 otherwise (the reference: all of Dc is used). It is a
     # shared parameter, so an auto run never reuses a fixed-n run's unlearning on the whole Dc.
     holdout: float | None = None
-    # n: auto: keep the largest ladder n whose held-out clean accuracy is within auto_budget of
-    # the original model's, allowing auto_z paired standard errors of the held-out estimate
-    # (tsbd_auto.within_budget says how; README, TSBD, "n: auto", for the measurements).
+    # n: auto: the rule that picks n (tsbd_auto.RULES). knee_budget: at least the knee of the NWC
+    # curve, above it the largest n whose held-out clean accuracy is within auto_budget of the
+    # Stage-2-only model's, allowing auto_z paired standard errors (tsbd_auto.within_budget). z 0:
+    # with 100 held-out images the SE is ~3 points, and z 1 kept rungs that cost 7.7 test points
+    # (README, TSBD, "n: auto", bench/tsbd_auto_table.py, for the measurements).
+    auto_rule: str = "knee_budget"
     auto_budget: float = 0.02
-    auto_z: float = 1.0
+    auto_z: float = 0.0
     auto_ladder: tuple[float, ...] = (0.01, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 0.9)  # tsbd.py's sweep
-    # the rule that picks n from the held-out signals (tsbd_auto.RULES; README, TSBD, "n: auto")
-    auto_rule: str = "budget"
 
     def __post_init__(self):
         if self.holdout is None:
