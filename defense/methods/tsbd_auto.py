@@ -145,7 +145,7 @@ class Ladder:
 
     def rung(self, i: int) -> dict:
         if i not in self._rungs:
-            self._rungs[i] = self._compute(self.ns[i], self._ref["pred"] if self._ref else None)
+            self._rungs[i] = self._compute(self.ns[i], self._ref.get("pred") if self._ref else None)
             self.visited.append(self.ns[i])
         return self._rungs[i]
 
