@@ -226,7 +226,11 @@ def summarise(rows: list[dict], rule: str, budget: float | None = None, z: float
         p = TSBDParams(n="auto")
         p = replace(p, auto_budget=p.auto_budget if budget is None else budget, auto_z=p.auto_z if z is None else z)
         n_auto, visited = choose(rule, [dict(r["sig"], n=r["n"]) for r in ladder], by["prep"]["knee"], p)
-        auto = next(r for r in ladder if r["n"] == n_auto)
+        auto = next((r for r in ladder if r["n"] == n_auto), None)
+        if auto is None:  # the ladder skipped that rung (below 0.1 while 0.1 was within every budget)
+            row["skip"] = f"rule chose n={n_auto}, a rung not recorded"
+            out.append(row)
+            continue
         v0 = by["before"]["val"]["acc"]
         ok = [r for r in ladder if v0 - r["val"]["acc"] <= ORACLE_BUDGET] or ladder[:1]
         orc = min(ok, key=lambda r: (r["val"]["asr"], r["n"]))

@@ -176,18 +176,19 @@ def test_auto_choice_is_blind_to_the_trigger(badnets_model):
 # n: auto on the e2e fixtures: 500 defender images (5% of the default synthetic training set), of
 # which 100 are held out; the reported test split as in tests/test_tsbd_e2e.py. The issue's bound,
 # not loosened: ASR <= 0.10 and at most 5 ACC points lost, on every seed.
-AUTO_SEEDS = (0, 1)
+AUTO_SEEDS = (0, 1, 2)
 AUTO_MAX_ASR = 0.10
 AUTO_MAX_DROP = 0.05
-# MEASURED (README, TSBD, "n: auto"; PYTHONPATH=. python tests/measure_tsbd.py auto
-# blended,badnets fixture 0,1 0.2, models trained with 1 thread): BadNets seed 0 chose 0.25 ->
-# test ASR 6.2, 2.1 ACC points lost; BadNets seed 1 chose 0.01 -> ASR 57.9; Blended seed 0 chose
-# 0.05 -> ASR 37.3. On these fixtures (2 threads; pytest ... -k removes --runxfail -s): BadNets
-# seed 0 n 0.3 -> ASR 5.0, seed 1 n 0.1 -> ASR 34.6; Blended seed 0 n 0.3 -> 6.3 ACC points lost,
-# seed 1 n 0.3 -> ASR 0.4, 3.4 points. The held-out drop overstates the test drop (README). So the
-# rule does not meet the bound yet: the test is an expected failure, not run (~2 CPU-min), and says so.
-NOT_YET = pytest.mark.xfail(run=False, reason="n: auto is within the bound on 2 of 4 runs of these fixtures "
-                                              "(BadNets seed 1 ASR 34.6, Blended seed 0 6.3 ACC points lost); README, TSBD")
+# MEASURED with the default rule knee_budget (README, TSBD, "n: auto"; bench/tsbd_auto_table.py on
+# the fixtures' setting, models trained with 1 thread): BadNets seeds 0/1/2 chose 0.25/0.2/0.25 ->
+# test ASR 6.2/7.6/6.5, 2.2/0.3/3.7 ACC points lost; Blended seeds 0/1 chose 0.15/0.2 -> ASR
+# 1.5/2.6, 4.1/3.1 points lost (seed 2 not run). Within the bound on all 5, but Blended seed 0
+# has 0.9 points of margin, and these fixtures (trained with 2 threads: other models) were not
+# measured with this rule (the first rule, budget: 2 of 4 runs within the bound). Until they are,
+# the test is an expected failure, not run (~3 CPU-min), and says so.
+NOT_YET = pytest.mark.xfail(run=False, reason="knee_budget met the bound on 5 of 5 BadNets/Blended runs of the "
+                                              "bench's 1-thread models (worst: ASR 7.6, 4.1 points lost) but was not "
+                                              "measured on these 2-thread fixtures; README, TSBD")
 
 
 @pytest.mark.slow  # per seed: Stage 1a and about 4 Stage-2 runs on 400 images
