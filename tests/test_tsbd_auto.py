@@ -17,7 +17,7 @@ import torch
 from defense.data.splits import defender_subset, val_test_indices
 from defense.methods import DEFENSES, DefenseContext, run_defense
 from defense.methods.tsbd import TSBDParams, split_holdout
-from defense.methods.tsbd_auto import _order, paired_drop, within_budget
+from defense.methods.tsbd_auto import RULES, Ladder, _bisect, choose, paired_drop, within_budget
 from defense.registry import BadParams
 from defense.trial import evaluate
 
@@ -84,27 +84,42 @@ def test_paired_drop_and_budget():
     assert paired_drop(pred0, pred0, y)["se"] == 0.0
 
 
+def _ladder(keep_up_to: int, knee: float = 0.0) -> Ladder:
+    """An 11-rung ladder whose held-out drop is 0 up to index ``keep_up_to`` and 0.5 above it."""
+    p = TSBDParams(n="auto", auto_ladder=tuple(i / 10 for i in range(11)))
+    def compute(n, ref_pred):
+        bad = n > keep_up_to / 10 + 1e-9
+        return {"drop": 0.5 * bad, "se": 0.0, "drop_ft": 0.5 * bad, "se_ft": 0.0, "agree": 1 - 0.5 * bad,
+                "held_out": 100, "pred": None}
+    return Ladder(p.auto_ladder, knee, p, compute)
+
+
 @pytest.mark.parametrize("keep_up_to", [-1, 0, 3, 7, 10])
-def test_bisect_finds_the_last_kept_rung_and_ascend_stops_at_the_first_break(keep_up_to):
-    ladder = tuple(range(11))
+def test_bisect_finds_the_last_kept_rung_in_few_runs(keep_up_to):
+    lad = _ladder(keep_up_to)
+    i = _bisect(lad, lambda s: s["drop"] <= 0.02)
+    assert i == keep_up_to and len(lad.visited) <= 4
+    # every rule returns an index of the ladder; those with an ACC check stop at the last kept rung
+    for name, rule in RULES.items():
+        lad = _ladder(keep_up_to, knee=0.25)
+        j = rule(lad)
+        assert 0 <= j <= 10
+        if name in ("budget", "budget_ft", "agree"):
+            assert j == max(0, keep_up_to), name
+        if name == "knee":
+            assert j == 3 and lad.visited == [0.3]  # the smallest value at or above the knee; one run
+        if name == "knee_budget":
+            assert j == max(3, keep_up_to) and 0.0 in lad.visited  # never below the knee
 
-    def walk(search):
-        seen, g = [], _order(ladder, search)
-        i = next(g, None)
-        while i is not None:
-            seen.append(i)
-            try:
-                i = g.send(i <= keep_up_to)
-            except StopIteration:
-                i = None
-        return seen
 
-    b = walk("bisect")
-    assert len(b) <= 4 and (keep_up_to < 0 or keep_up_to in b)
-    assert all(i <= keep_up_to for i in b if i <= keep_up_to)
-    assert min((i for i in b if i > keep_up_to), default=None) in (keep_up_to + 1, None)
-    a = walk("ascend")
-    assert a == list(range(min(keep_up_to + 2, 11)))
+def test_choose_replays_a_rule_on_recorded_rungs_and_rejects_unknown_rules():
+    rungs = [{"n": n, "drop": 0.1 * (n > 0.2), "se": 0.0, "drop_ft": 0.1 * (n > 0.2), "se_ft": 0.0}
+             for n in TSBDParams().auto_ladder]
+    n, visited = choose("budget", rungs, 0.1, TSBDParams(n="auto"))
+    assert n == 0.2 and len(visited) <= 4 and 0.2 in visited
+    assert choose("knee", rungs, 0.12, TSBDParams(n="auto"))[0] == 0.15
+    with pytest.raises(BadParams, match="auto_rule must be one of budget"):
+        DEFENSES.get("tsbd").make_params({"n": "auto", "auto_rule": "kne"})
 
 
 # ---------------------------------------------------------------------------------------
@@ -132,7 +147,7 @@ def _garbled(d: dict) -> dict:
     return g
 
 
-def _choose(d: dict, target: int) -> tuple[float, list, dict]:
+def _choose(d: dict, target: int) -> tuple[float, list, dict, float]:
     """What a trial does after training: the defender's clean subset of the CLEAN training set,
     and the defense, with the poisoned data in scope and ``ctx.target`` set."""
     assert not torch.equal(d["poisoned"].train.x, d["train"].x)  # the poisoned set is not Dc's source
@@ -140,33 +155,40 @@ def _choose(d: dict, target: int) -> tuple[float, list, dict]:
     ctx = DefenseContext(device="cpu", seed=d["cfg"].seed, target=target)
     out = run_defense("tsbd", d["model"], clean, FAST, ctx)
     state = {k: v.clone() for k, v in out.model.state_dict().items()}
-    return out.diagnostics["chosen_n"], out.diagnostics["auto_ladder"], state
+    g = out.diagnostics
+    return g["chosen_n"], g["auto_ladder"], state, g["nwc_knee_n"]
 
 
 @pytest.mark.slow  # one backdoored model (session fixture) and two auto runs with 2-pass Stage 2
 def test_auto_choice_is_blind_to_the_trigger(badnets_model):
-    n1, ladder1, s1 = _choose(badnets_model, badnets_model["cfg"].target)
-    n2, ladder2, s2 = _choose(_garbled(badnets_model), badnets_model["cfg"].target + 1)
+    n1, ladder1, s1, knee1 = _choose(badnets_model, badnets_model["cfg"].target)
+    n2, ladder2, s2, _ = _choose(_garbled(badnets_model), badnets_model["cfg"].target + 1)
     assert json.dumps(ladder1) == json.dumps(ladder2) and n1 == n2  # bit-identical
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
     assert n1 in (0.1, 0.3, 0.5) and sum(r["chosen"] for r in ladder1) == 1
+    # the bench (bench/tsbd_auto_table.py) replays the rule on recorded rungs: the same choice
+    p = DEFENSES.get("tsbd").make_params(FAST)
+    rungs = [r for r in ladder1 if r["n"] > 0]
+    ref = next((r for r in ladder1 if r["n"] == 0), None)
+    assert choose(p.auto_rule, rungs, knee1, p, ref)[0] == n1
 
 
 # n: auto on the e2e fixtures: 500 defender images (5% of the default synthetic training set), of
 # which 100 are held out; the reported test split as in tests/test_tsbd_e2e.py. The issue's bound,
 # not loosened: ASR <= 0.10 and at most 5 ACC points lost, on every seed.
-AUTO_SEEDS = (0, 1)
+AUTO_SEEDS = (0, 1, 2)
 AUTO_MAX_ASR = 0.10
 AUTO_MAX_DROP = 0.05
-# MEASURED (README, TSBD, "n: auto"; PYTHONPATH=. python tests/measure_tsbd.py auto
-# blended,badnets fixture 0,1 0.2, models trained with 1 thread): BadNets seed 0 chose 0.25 ->
-# test ASR 6.2, 2.1 ACC points lost; BadNets seed 1 chose 0.01 -> ASR 57.9; Blended seed 0 chose
-# 0.05 -> ASR 37.3. On these fixtures (2 threads; pytest ... -k removes --runxfail -s): BadNets
-# seed 0 n 0.3 -> ASR 5.0, seed 1 n 0.1 -> ASR 34.6; Blended seed 0 n 0.3 -> 6.3 ACC points lost,
-# seed 1 n 0.3 -> ASR 0.4, 3.4 points. The held-out drop overstates the test drop (README). So the
-# rule does not meet the bound yet: the test is an expected failure, not run (~2 CPU-min), and says so.
-NOT_YET = pytest.mark.xfail(run=False, reason="n: auto is within the bound on 2 of 4 runs of these fixtures "
-                                              "(BadNets seed 1 ASR 34.6, Blended seed 0 6.3 ACC points lost); README, TSBD")
+# MEASURED with the default rule knee_budget (README, TSBD, "n: auto"; bench/tsbd_auto_table.py on
+# the fixtures' setting, models trained with 1 thread): BadNets seeds 0/1/2 chose 0.25/0.2/0.25 ->
+# test ASR 6.2/7.6/6.5, 2.2/0.3/3.7 ACC points lost; Blended seeds 0/1 chose 0.15/0.2 -> ASR
+# 1.5/2.6, 4.1/3.1 points lost, seed 2 chose 0.15 -> ASR 10.9: 5 of 6 within the bound, and
+# Blended seed 0 with 0.9 points of margin; and these fixtures (trained with 2 threads: other models) were not
+# measured with this rule (the first rule, budget: 2 of 4 runs within the bound). Until they are,
+# the test is an expected failure, not run (~3 CPU-min), and says so.
+NOT_YET = pytest.mark.xfail(run=False, reason="knee_budget met the bound on 5 of 6 BadNets/Blended runs of the "
+                                              "bench's 1-thread models (Blended seed 2: ASR 10.9) and was not "
+                                              "measured on these 2-thread fixtures; README, TSBD")
 
 
 @pytest.mark.slow  # per seed: Stage 1a and about 4 Stage-2 runs on 400 images

@@ -92,13 +92,15 @@ class TSBDParams:
     # None means 0.2 when n is "auto" and 0 otherwise (the reference: all of Dc is used). It is a
     # shared parameter, so an auto run never reuses a fixed-n run's unlearning on the whole Dc.
     holdout: float | None = None
-    # n: auto: keep the largest ladder n whose held-out clean accuracy is within auto_budget of
-    # the original model's, allowing auto_z paired standard errors of the held-out estimate
-    # (tsbd_auto.within_budget says how; README, TSBD, "n: auto", for the measurements).
+    # n: auto: the rule that picks n (tsbd_auto.RULES). knee_budget: at least the knee of the NWC
+    # curve, above it the largest n whose held-out clean accuracy is within auto_budget of the
+    # Stage-2-only model's, allowing auto_z paired standard errors (tsbd_auto.within_budget). z 0:
+    # with 100 held-out images the SE is ~3 points, and z 1 kept rungs that cost 7.7 test points
+    # (README, TSBD, "n: auto", bench/tsbd_auto_table.py, for the measurements).
+    auto_rule: str = "knee_budget"
     auto_budget: float = 0.02
-    auto_z: float = 1.0
+    auto_z: float = 0.0
     auto_ladder: tuple[float, ...] = (0.01, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 0.9)  # tsbd.py's sweep
-    auto_search: Literal["bisect", "ascend"] = "bisect"
 
     def __post_init__(self):
         if self.holdout is None:
@@ -120,6 +122,11 @@ class TSBDParams:
             yield "n: auto needs held-out clean data to choose n on: holdout must be > 0 (default 0.2)"
         if self.auto_budget < 0 or self.auto_z < 0:
             yield f"auto_budget and auto_z must be >= 0, got {self.auto_budget}, {self.auto_z}"
+        if self.n == "auto":
+            from defense.methods.tsbd_auto import RULES  # registered with this package; a cycle at import time only
+
+            if self.auto_rule not in RULES:
+                yield f"auto_rule must be one of {', '.join(RULES)}, got {self.auto_rule!r}"
         if not self.auto_ladder or any(not 0.0 <= v <= 1.0 for v in self.auto_ladder):
             yield f"auto_ladder must be values in [0, 1], got {list(self.auto_ladder)}"
         for name in ("lr_un", "ft_lr"):
