@@ -277,7 +277,9 @@ def train(model: torch.nn.Module, data: Data, recipe: Recipe, *, seed: int = 0,
     if progress is True:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=epochs, desc=desc, unit="ep", leave=False)
+        # counted in steps, not epochs: one epoch of a large model on a loaded CPU can take a minute,
+        # and a bar that moves once per epoch looks like a hang
+        bar = tqdm(total=epochs * steps_per_epoch, desc=desc, unit="step", leave=False)
     history = []
     try:
         for epoch in range(epochs):
@@ -299,6 +301,8 @@ def train(model: torch.nn.Module, data: Data, recipe: Recipe, *, seed: int = 0,
                 tot_loss += loss.detach() * len(y)
                 correct += (out.detach().argmax(1) == y).sum()
                 seen += len(y)
+                if bar is not None:
+                    bar.update(1)
             loss_v, acc_v = float(tot_loss) / seen, float(correct) / seen  # the epoch's one sync
             row = {"epoch": epoch + 1, "loss": loss_v, "train_acc": acc_v, "images": seen,
                    "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
@@ -306,8 +310,7 @@ def train(model: torch.nn.Module, data: Data, recipe: Recipe, *, seed: int = 0,
                 row.update(eval_fn(model))
             history.append(row)
             if bar is not None:
-                bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.3f}")
-                bar.update(1)
+                bar.set_postfix(ep=f"{epoch + 1}/{epochs}", loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.3f}")
             elif callable(progress):
                 progress(row)
     finally:

@@ -121,8 +121,10 @@ def diversity(a: torch.Tensor, b: torch.Tensor, pa: torch.Tensor, pb: torch.Tens
 
 # --------------------------------------------------------------------- mask resource
 
-def train_mask(train: Data, p: InputAwareParams, seed: int, device) -> dict[str, torch.Tensor]:
+def train_mask(train: Data, p: InputAwareParams, seed: int, device, progress: bool = False) -> dict[str, torch.Tensor]:
     """Phase 1: the mask generator alone, on the clean training set."""
+    from tqdm.auto import tqdm
+
     device = pick_device(device)
     info = train.info
     with torch.random.fork_rng(devices=[]):
@@ -133,7 +135,8 @@ def train_mask(train: Data, p: InputAwareParams, seed: int, device) -> dict[str,
     gen = torch.Generator().manual_seed(seed + 11)
     data = train.to(device)
     net.train()
-    for _ in range(p.mask_epochs):
+    for _ in tqdm(range(p.mask_epochs), desc="input-aware mask generator", unit="ep", leave=False,
+                  disable=not progress):
         order2 = torch.randperm(len(data), generator=gen)  # the second, independently shuffled loader
         for i, idx in enumerate(index_batches(len(data), p.batch_size, True, gen)):
             idx2 = order2[i * p.batch_size: i * p.batch_size + len(idx)]
@@ -249,7 +252,7 @@ def inputaware(train: Data, test: Data, p: InputAwareParams, ctx):
                 **{k: v for k, v in asdict(p).items() if k in ("mask_density", "lambda_div", "lambda_norm", "lr_m",
                                                               "mask_epochs", "width", "batch_size")}}
     mask_state = get_resource(ctx.resources, "inputaware_mask", mask_cfg,
-                              lambda: train_mask(train, p, ctx.seed, ctx.device), VERSION, info)
+                              lambda: train_mask(train, p, ctx.seed, ctx.device, ctx.progress), VERSION, info)
     hook = InputAwareHook(train.info, mask_state, p, ctx.pratio, ctx.target, ctx.seed)
     bd_idx = nontarget(test, ctx.target)
     bd_true = test.y[bd_idx].cpu().clone()

@@ -57,14 +57,17 @@ def low_pass(delta: torch.Tensor, window: int) -> torch.Tensor:
     return torch.fft.ifft2(torch.fft.fft2(delta) * keep).real
 
 
-def universal_low_freq(model, train, p: LFParams, target: int, seed: int, device) -> torch.Tensor:
+def universal_low_freq(model, train, p: LFParams, target: int, seed: int, device,
+                       progress: bool = False) -> torch.Tensor:
     """The (C, H, W) perturbation on the [0, 1] scale."""
+    from tqdm.auto import tqdm
+
     device = pick_device(device)
     model = model.to(device).eval().requires_grad_(False)
     pool = torch.nonzero(train.y != target).flatten()
     gen = torch.Generator().manual_seed(seed + 23)
     delta = torch.zeros(train.x.shape[1:], device=device)
-    for _ in range(p.steps):
+    for _ in tqdm(range(p.steps), desc="LF perturbation", unit="step", leave=False, disable=not progress):
         idx = pool[torch.randint(len(pool), (min(p.batch_size, len(pool)),), generator=gen)]
         x = to_float(train.x[idx].to(device))
         d = delta.clone().requires_grad_(True)
@@ -88,7 +91,7 @@ def lf(train, test, p: LFParams, ctx):
 
     def compute():
         model = clean_reference_model(train, ctx, p.ref_epochs, log=info)
-        return {"delta": universal_low_freq(model, train, p, ctx.target, ctx.seed, ctx.device)}
+        return {"delta": universal_low_freq(model, train, p, ctx.target, ctx.seed, ctx.device, ctx.progress)}
 
     delta = get_resource(ctx.resources, "lf_trigger", cfg, compute, VERSION, info)["delta"]
     d255 = delta * 255

@@ -101,7 +101,9 @@ def fixed_secret(bits: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 2, (bits,), generator=torch.Generator().manual_seed(seed + 101)).float()
 
 
-def train_codec(train, p: SSBAParams, seed: int, device) -> dict[str, torch.Tensor]:
+def train_codec(train, p: SSBAParams, seed: int, device, progress: bool = False) -> dict[str, torch.Tensor]:
+    from tqdm.auto import tqdm
+
     device = pick_device(device)
     info = train.info
     with torch.random.fork_rng(devices=[]):
@@ -112,7 +114,7 @@ def train_codec(train, p: SSBAParams, seed: int, device) -> dict[str, torch.Tens
     gen = torch.Generator().manual_seed(seed + 31)
     data = train.to(device)
     budget = 10 ** (-p.psnr / 10)  # mean squared residual on the [0, 1] scale at that PSNR
-    for _ in range(p.epochs):
+    for _ in tqdm(range(p.epochs), desc="SSBA encoder/decoder", unit="ep", leave=False, disable=not progress):
         for idx in index_batches(len(data), p.batch_size, True, gen):
             x = to_float(data.x[idx.to(device)])
             bits = torch.randint(0, 2, (len(idx), p.bits), generator=gen).float().to(device)
@@ -159,7 +161,7 @@ def ssba(train, test, p: SSBAParams, ctx):
     """A fixed secret hidden in each poisoned image by an encoder trained on the dataset."""
     info: dict = {}
     cfg = {"data": data_fingerprint(train), "seed": ctx.seed, **{k: v for k, v in asdict(p).items()}}
-    state = get_resource(ctx.resources, "ssba_encoder", cfg, lambda: train_codec(train, p, ctx.seed, ctx.device),
+    state = get_resource(ctx.resources, "ssba_encoder", cfg, lambda: train_codec(train, p, ctx.seed, ctx.device, ctx.progress),
                          VERSION, info)
     enc = encoder_from(state, train.info, p).to(pick_device(ctx.device))
     secret = fixed_secret(p.bits, p.secret_seed)

@@ -84,7 +84,10 @@ def most_connected(layer: nn.Linear, k: int) -> torch.Tensor:
     return torch.argsort(layer.weight.detach().abs().sum(0), descending=True)[:k]
 
 
-def optimise_trigger(model: nn.Module, info, p: TrojanNNParams, device) -> tuple[torch.Tensor, torch.Tensor]:
+def optimise_trigger(model: nn.Module, info, p: TrojanNNParams, device,
+                     progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    from tqdm.auto import tqdm
+
     """(trigger (C, H, W) in [0, 1], zero outside the mask; selected neuron indices)."""
     device = pick_device(device)
     model = model.to(device).eval().requires_grad_(False)
@@ -96,7 +99,7 @@ def optimise_trigger(model: nn.Module, info, p: TrojanNNParams, device) -> tuple
     start = (mask * p.init).expand(info.channels, -1, -1)[None].clone()
     img = start.clone()
     try:
-        for _ in range(p.iters):
+        for _ in tqdm(range(p.iters), desc="TrojanNN trigger", unit="it", leave=False, disable=not progress):
             img.requires_grad_(True)
             model(normalize(img * mask, info))
             cost = ((feats["a"][:, neurons] - p.neuron_target) ** 2).sum()
@@ -119,7 +122,7 @@ def trojannn(train, test, p: TrojanNNParams, ctx):
 
     def compute():
         model = clean_reference_model(train, ctx, p.ref_epochs, log=info)
-        trig, neurons = optimise_trigger(model, train.info, p, ctx.device)
+        trig, neurons = optimise_trigger(model, train.info, p, ctx.device, ctx.progress)
         return {"trigger": trig, "neurons": neurons}
 
     res = get_resource(ctx.resources, "trojannn_trigger", cfg, compute, VERSION, info)

@@ -154,13 +154,15 @@ def preview(
         console.print(f"[{i}/{len(names)}] {a}: building the trigger"
                       + (" (trains its resources the first time; cached after)" if entries[a].meta.get("resources") else "")
                       + " ...", highlight=False)
-        ctx = AttackContext(target=0, pratio=0.1, seed=seed, arch=arch, device=dev, resources=cache, recipe=rec)
+        ctx = AttackContext(target=0, pratio=0.1, seed=seed, arch=arch, device=dev, resources=cache, recipe=rec,
+                            progress=True)  # resource training (minutes with --full) draws a bar on stderr
         po = entries[a].fn(tr, te, params[a], ctx)
         if po.bd_test is None and po.hook is not None:  # trigger learnt together with the classifier
             info = tr.info
             torch.manual_seed(seed)
             model = create_model(arch, num_classes=info.num_classes, in_channels=info.channels, image_size=info.size)
-            train(model, po.train, rec, seed=seed, device=dev, hook=po.hook, epochs=train_epochs)
+            train(model, po.train, rec, seed=seed, device=dev, hook=po.hook, epochs=train_epochs,
+                  progress=True, desc=f"{a}: classifier with its trigger")
             po.backdoor_test(model)
         else:
             po.backdoor_test(None)
