@@ -172,7 +172,7 @@ def resolve(ls: LoadedSpec) -> tuple[list[ModelCell], list[Problem]]:
 
 
 def model_cells(ls: LoadedSpec) -> list[ModelCell]:
-    """The cells of a validated spec's ``models:`` (grid.spec.expand)."""
+    """The cells of a validated spec's ``models:`` (grid.cells.expand)."""
     from grid.spec import SpecError
 
     cells, problems = resolve(ls)

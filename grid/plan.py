@@ -24,7 +24,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from grid.spec import STAGE_KINDS, Cell, LoadedSpec, expand, paused_gc
+from grid.cells import expand, paused_gc
+from grid.spec import STAGE_KINDS, Cell, LoadedSpec
 
 CODE_VERSION = {"data": 1, "resource": 2, "attack": 1, "import": 1, "prepare": 2, "defense": 2, "eval": 1}
 # an import stage reads a model and scores it on the test set, as an eval does: it runs with eval's resources

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from grid.plugins import import_plugins
-from grid.spec import (CELL_AXES, STAGE_KINDS, LoadedSpec, Problem, canon, cell_matches, defense_configs, expand, line_of,
+from grid.cells import expand
+from grid.spec import (CELL_AXES, STAGE_KINDS, LoadedSpec, Problem, canon, cell_matches, defense_configs, line_of,
                        read_params_from)
 
 # URI schemes pyarrow.fs.FileSystem.from_uri understands (checked by name only: resolving an
@@ -121,9 +122,7 @@ def _check_names(ls: LoadedSpec, add, check_entry) -> None:
     """Empty axes; dataset, arch, attack and defense names and parameters; dataset roots."""
     from defense.attacks import ATTACKS
     from defense.data import DATASETS
-    from defense.methods import DEFENSES
     from defense.models import MODELS
-    from defense.registry import BadParams
 
     s = ls.spec
 
@@ -168,8 +167,15 @@ def _check_names(ls: LoadedSpec, add, check_entry) -> None:
         check_entry(MODELS, a, None, ("archs", i))
     for i, a in enumerate(s.attacks):
         check_entry(ATTACKS, a.name, a.params, ("attacks", i))
+    _check_defenses(ls, add, check_entry)
 
-    # defenses: names, sweep keys, params_from, and every expanded config's params
+
+def _check_defenses(ls: LoadedSpec, add, check_entry) -> None:
+    """Defense names, sweep keys, params_from, and every expanded config's params."""
+    from defense.methods import DEFENSES
+    from defense.registry import BadParams
+
+    s = ls.spec
     for i, d in enumerate(s.defenses):
         e = check_entry(DEFENSES, d.name, None, ("defenses", i, "name"))
         _, prob = read_params_from(ls, d)
@@ -339,7 +345,8 @@ def _unknown(reg, name) -> str:
 
 
 def _entry_changes(ls: LoadedSpec, which: str, entry: dict) -> bool:
-    from grid.spec import GridSpec, expand
+    from grid.cells import expand
+    from grid.spec import GridSpec
 
     # an include/exclude entry does something iff dropping it changes the expansion
     data = ls.spec.model_dump()

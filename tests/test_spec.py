@@ -11,7 +11,8 @@ import yaml
 from typer.testing import CliRunner
 
 from grid.plan import build_plan
-from grid.spec import expand, parse_spec, path_str
+from grid.cells import expand
+from grid.spec import parse_spec, path_str
 from grid.store import ArtifactStore, CorruptArtifact
 from grid.validate import every_problem, validate
 

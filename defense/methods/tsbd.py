@@ -123,10 +123,9 @@ class TSBDParams:
         if self.auto_budget < 0 or self.auto_z < 0:
             yield f"auto_budget and auto_z must be >= 0, got {self.auto_budget}, {self.auto_z}"
         if self.n == "auto":
-            from defense.methods.tsbd_auto import RULES  # registered with this package; a cycle at import time only
-
-            if self.auto_rule not in RULES:
-                yield f"auto_rule must be one of {', '.join(RULES)}, got {self.auto_rule!r}"
+            rules = AUTO_RULES.get("rules", {})  # tsbd_auto's RULES, registered with this package
+            if self.auto_rule not in rules:
+                yield f"auto_rule must be one of {', '.join(rules)}, got {self.auto_rule!r}"
         if not self.auto_ladder or any(not 0.0 <= v <= 1.0 for v in self.auto_ladder):
             yield f"auto_ladder must be values in [0, 1], got {list(self.auto_ladder)}"
         for name in ("lr_un", "ft_lr"):

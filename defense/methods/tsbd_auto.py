@@ -269,3 +269,4 @@ def defend_auto(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseContex
 
 
 AUTO_RULES["n"] = defend_auto  # TSBD's defend() calls it for n: auto
+AUTO_RULES["rules"] = RULES  # and TSBDParams.check reads the rule names here (tsbd imports nothing of this module)

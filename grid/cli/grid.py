@@ -59,10 +59,8 @@ def run_cmd(
     import os
 
     from grid.cluster import ClusterError
-    from grid.plan import build_plan
-    from grid.remote_out import RemoteOutError, mirror_of, shown
-    from grid.run import artifact_root, cluster_gpus, ensure_writable, execute_plan, needed_stages, paper_table
-    from grid.store import ArtifactStore
+    from grid.remote_out import RemoteOutError, mirror_of
+    from grid.run import cluster_gpus, ensure_writable, execute_plan
     from grid.validate import validate
 
     ls = load_spec_or_exit(spec_file, None, max_stages, data_missing_ok=dry_run)
@@ -71,23 +69,7 @@ def run_cmd(
     if remote is not None and not (artifacts or ls.spec.artifacts or os.environ.get("BDGRID_ARTIFACTS")):
         artifacts = remote.child_uri("artifacts")  # beside the results, not in the local mirror
     if dry_run:
-        plan = build_plan(ls)
-        store = ArtifactStore(artifact_root(ls, out_path, artifacts))
-        need, done, corrupt = needed_stages(plan, store, out_path, repair=False)  # a dry run changes nothing
-        t = Table(title=f"plan of grid '{plan.grid}': {plan.cells} cells -> {out_path}")
-        for col in ("stage", "total", "done", "to run"):
-            t.add_column(col, justify="left" if col == "stage" else "right")
-        for kind, n in plan.counts().items():
-            if n:
-                keys = [s.key for s in plan.of_kind(kind)]
-                t.add_row(kind, str(n), str(sum(k in done for k in keys)), str(sum(k in need for k in keys)))
-        console.print(t)
-        from grid.estimate import describe, estimate, measured_seconds
-
-        console.print(describe(estimate(plan, need, measured_seconds(out_path)), out_path))
-        if corrupt:
-            console.print(f"[yellow]{len(corrupt)} corrupt artifact(s); a run will recompute them[/]")
-        return
+        return _dry_run(ls, out_path, artifacts)
     try:
         ensure_writable(out_path)
     except WriteError as e:
@@ -114,6 +96,39 @@ def run_cmd(
             import ray
 
             ray.shutdown()
+    _summary(res, remote)
+    if not res.ok:
+        raise typer.Exit(1)
+
+
+def _dry_run(ls, out_path, artifacts) -> None:
+    """The plan per stage kind (total, done, to run) and its cost; changes nothing on disk."""
+    from grid.estimate import describe, estimate, measured_seconds
+    from grid.plan import build_plan
+    from grid.run import artifact_root, needed_stages
+    from grid.store import ArtifactStore
+
+    plan = build_plan(ls)
+    store = ArtifactStore(artifact_root(ls, out_path, artifacts))
+    need, done, corrupt = needed_stages(plan, store, out_path, repair=False)  # a dry run changes nothing
+    t = Table(title=f"plan of grid '{plan.grid}': {plan.cells} cells -> {out_path}")
+    for col in ("stage", "total", "done", "to run"):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    for kind, n in plan.counts().items():
+        if n:
+            keys = [s.key for s in plan.of_kind(kind)]
+            t.add_row(kind, str(n), str(sum(k in done for k in keys)), str(sum(k in need for k in keys)))
+    console.print(t)
+    console.print(describe(estimate(plan, need, measured_seconds(out_path)), out_path))
+    if corrupt:
+        console.print(f"[yellow]{len(corrupt)} corrupt artifact(s); a run will recompute them[/]")
+
+
+def _summary(res, remote) -> None:
+    """What ran, what failed (with its traceback file) and the paper table."""
+    from grid.remote_out import shown
+    from grid.run import paper_table
+
     s = res.plan.counts()
     console.print(f"grid '{res.plan.grid}': {res.plan.cells} cells, {sum(s.values())} stages: "
                   f"{len(res.done)} run, {len(res.cached)} already done, {len(res.failed)} failed, "
@@ -125,8 +140,6 @@ def run_cmd(
         console.print(f"[red]failed[/] {res.plan.stages[key].label}: {e} "
                       f"(traceback: {res.out / 'failures' / (res.plan.stages[key].kind + '-' + key + '.txt')})")
     print(paper_table(res.out, res.plan))  # plain print: rich would re-wrap the Markdown lines
-    if not res.ok:
-        raise typer.Exit(1)
 
 
 def status_cmd(out: str = typer.Option(..., "--out", "-o", help="The output folder (or s3:// --out) of a running or "

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Callable
 
 from grid.plan import Plan, add_cell, add_defense, ancestors, build_plan
-from grid.spec import LoadedSpec, expand
+from grid.cells import expand
+from grid.spec import LoadedSpec
 from grid.tune.choose import best_doc, trial_stats, write_best
 from grid.tune.space import distribution
 from grid.tune.study import HEARTBEAT_ATTR, OWNER_ATTR, counts, open_study, owner_id, recover
