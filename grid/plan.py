@@ -217,7 +217,6 @@ def add_cell(plan: Plan, ls: LoadedSpec, cell: Cell) -> CellStages:
     """A cell's data, resource, attack and no-defense eval stages."""
     from defense.attacks import ATTACKS
     from defense.data import DATASETS
-    from defense.methods import DEFENSES
 
     if cell in plan.cell_stages:
         return plan.cell_stages[cell]
@@ -247,14 +246,7 @@ def add_cell(plan: Plan, ls: LoadedSpec, cell: Cell) -> CellStages:
                                  "target": s.target, "seed": cell.seed, "arch": cell.arch, "recipe": recipe,
                                  "val_ratio": s.val_ratio, "version": aentry.meta.get("version", 1)},
                       parents, info=dict(ident))
-    # the no-defense rows of every cell: evaluate the backdoored model itself
-    none_params, none_json = _resolved_canon(DEFENSES.get("none"), {})
-    ev = plan.add("eval", {"defense": "none", "params": none_params, "val_ratio": s.val_ratio},
-                  (data.key, attack.key), info={**ident, "defense": "none", "defense_name": "none",
-                                                "params": none_json})
-    cs = CellStages(cell, ident, data.key, attack.key, ev.key)
-    plan.cell_stages[cell] = cs
-    return cs
+    return _with_no_defense(plan, ls, cell, ident, data.key, attack.key)
 
 
 def add_model_cell(plan: Plan, ls: LoadedSpec, mc) -> CellStages:
@@ -264,7 +256,6 @@ def add_model_cell(plan: Plan, ls: LoadedSpec, mc) -> CellStages:
     import json
 
     from defense.data import DATASETS
-    from defense.methods import DEFENSES
 
     if mc in plan.cell_stages:
         return plan.cell_stages[mc]
@@ -282,12 +273,19 @@ def add_model_cell(plan: Plan, ls: LoadedSpec, mc) -> CellStages:
         config.update(attack=mc.attack, attack_params=json.loads(mc.attack_params), pratio=mc.pratio, seed=mc.seed)
     imp = plan.add("import", config, (data.key,), run={"path": mc.path, "backdoor_test": mc.backdoor_test},
                    info=dict(ident))
+    return _with_no_defense(plan, ls, mc, ident, data.key, imp.key)
+
+
+def _with_no_defense(plan: Plan, ls: LoadedSpec, cell, ident: dict, data: str, model: str) -> CellStages:
+    """A cell's no-defense eval (the backdoored or imported model itself), and the cell recorded
+    with its stages: the end of add_cell and add_model_cell alike."""
+    from defense.methods import DEFENSES
+
     none_params, none_json = _resolved_canon(DEFENSES.get("none"), {})
-    ev = plan.add("eval", {"defense": "none", "params": none_params, "val_ratio": s.val_ratio},
-                  (data.key, imp.key), info={**ident, "defense": "none", "defense_name": "none",
-                                             "params": none_json})
-    cs = CellStages(mc, ident, data.key, imp.key, ev.key)
-    plan.cell_stages[mc] = cs
+    ev = plan.add("eval", {"defense": "none", "params": none_params, "val_ratio": ls.spec.val_ratio},
+                  (data, model), info={**ident, "defense": "none", "defense_name": "none", "params": none_json})
+    cs = CellStages(cell, ident, data, model, ev.key)
+    plan.cell_stages[cell] = cs
     return cs
 
 
