@@ -57,8 +57,8 @@ def fill(cmd: str, cwd: Path) -> str:
     return cmd
 
 
-def run_in_pty(argv: list[str], cwd: Path, timeout: float) -> tuple[int, float, float, float, bytes]:
-    """(exit code, wall s, CPU s of the children, longest silence s, output)."""
+def run_in_pty(argv: list[str], cwd: Path, timeout: float) -> tuple[int, float, float, float, str, bytes]:
+    """(exit code, wall s, CPU s of the children, longest silence s, where it was, output)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     master, slave = pty.openpty()
     # a terminal of 120 x 40, as a user's: a pty of size 0 x 0 makes tqdm and rich draw nothing
@@ -66,7 +66,7 @@ def run_in_pty(argv: list[str], cwd: Path, timeout: float) -> tuple[int, float, 
     t0 = last = time.monotonic()
     proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, close_fds=True)
     os.close(slave)
-    silence, out = 0.0, bytearray()
+    silence, where, out = 0.0, 0, bytearray()
     while True:
         r, _, _ = select.select([master], [], [], 0.5)
         now = time.monotonic()
@@ -76,7 +76,8 @@ def run_in_pty(argv: list[str], cwd: Path, timeout: float) -> tuple[int, float, 
             except OSError:  # the child closed the terminal
                 chunk = b""
             if chunk:
-                silence = max(silence, now - last)
+                if now - last > silence:
+                    silence, where = now - last, len(out)
                 last = now
                 out += chunk
                 continue
@@ -90,10 +91,19 @@ def run_in_pty(argv: list[str], cwd: Path, timeout: float) -> tuple[int, float, 
     proc.wait()
     os.close(master)
     wall = time.monotonic() - t0
-    silence = max(silence, time.monotonic() - last)  # the quiet tail before exit counts too
+    if time.monotonic() - last > silence:  # the quiet tail before exit counts too
+        silence, where = time.monotonic() - last, len(out)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return proc.returncode, wall, cpu, silence, bytes(out)
+    return proc.returncode, wall, cpu, silence, _last_words(bytes(out[:where])), bytes(out)
+
+
+def _last_words(out: bytes) -> str:
+    """The text on the terminal just before a silence: its last non-empty line, colours and
+    carriage-return redraws removed, so the table says which step went quiet."""
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode(errors="replace"))
+    lines = [ln.split("\r")[-1].strip() or ln.strip() for ln in text.splitlines() if ln.strip()]
+    return (lines[-1][:60] if lines else "(start)").replace("|", "/")
 
 
 def main() -> None:
@@ -115,16 +125,16 @@ def main() -> None:
     os.environ["PYTHONPATH"] = env_path
     print(f"# README tour, clone of {head} in {work}; {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f} at start", flush=True)
-    print("| command | exit | wall s | CPU s | longest silence s |\n|---|---|---|---|---|", flush=True)
+    print("| command | exit | wall s | CPU s | longest silence s | after |\n|---|---|---|---|---|---|", flush=True)
     for cmd in cmds:
         if only and cmd.split()[0] not in only:
             continue
         cmd = fill(cmd, work)
-        rc, wall, cpu, silence, out = run_in_pty([a.bdgrid] + cmd.split(), work, a.timeout)
+        rc, wall, cpu, silence, where, out = run_in_pty([a.bdgrid] + cmd.split(), work, a.timeout)
         logs = work / "tour-logs"
         logs.mkdir(exist_ok=True)
         (logs / f"{len(list(logs.iterdir())):02d}-{cmd.split()[0].strip('-')}.log").write_bytes(out)
-        print(f"| `bdgrid {cmd[:70]}` | {rc} | {wall:.1f} | {cpu:.1f} | {silence:.1f} |", flush=True)
+        print(f"| `bdgrid {cmd[:70]}` | {rc} | {wall:.1f} | {cpu:.1f} | {silence:.1f} | {where} |", flush=True)
         if rc != 0:
             tail = out.decode(errors="replace")[-1500:]
             print(re.sub(r"^", "    ", tail, flags=re.M), file=sys.stderr, flush=True)

@@ -6,6 +6,7 @@ or a test calls ``run_trial`` in one go.
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -105,13 +106,23 @@ def default_resources():
     return ResourceCache(Path(root) / "resources")
 
 
+def _step(cfg: TrialConfig, what: str) -> None:
+    # the steps between the bars take seconds (data generation, poisoning, evaluation); a line
+    # each keeps the terminal from going quiet (issue 15). stderr: --json owns stdout.
+    if cfg.progress:
+        print(f"trial: {what}", file=sys.stderr, flush=True)
+
+
 def run_trial(cfg: TrialConfig) -> dict[str, Any]:
     """Train the backdoored model, apply the defense, return before/after metrics on the reported split."""
     t0 = time.perf_counter()
     device = pick_device(cfg.device)
+    _step(cfg, f"loading {cfg.dataset}")
     train_set, test_set, val_idx, test_idx = load_splits(cfg)
+    _step(cfg, f"poisoning with {cfg.attack} at {cfg.pratio:g}")
     poisoned = make_poisoned(cfg, train_set, test_set, resources=default_resources())
     model, hist = train_backdoored(cfg, poisoned)
+    _step(cfg, "evaluating the backdoored model")
     before = evaluate(model, test_set, poisoned, test_idx, cfg.target, device)
     out = {"bd_acc": before["acc"], "bd_asr": before["asr"], "bd_ra": before["ra"]}
     if cfg.defense == "none":

@@ -35,6 +35,7 @@ def expand(ls: LoadedSpec) -> list[tuple[Cell, list[DefenseConfig]]]:
     s = ls.spec
     cells = [Cell(d, a, k, p, sd) for d, a, k, p, sd in itertools.product(
         range(len(s.datasets)), s.archs, range(len(s.attacks)), s.pratios, s.seeds)]
+    seen = set(cells)  # include entries only add cells the product lacks (a list lookup was quadratic)
     for inc in s.include:
         axes = {
             "dataset": [i for i, d in enumerate(s.datasets) if "dataset" not in inc or d.name == inc["dataset"]],
@@ -45,7 +46,8 @@ def expand(ls: LoadedSpec) -> list[tuple[Cell, list[DefenseConfig]]]:
         }
         for d, a, k, p, sd in itertools.product(*axes.values()):
             c = Cell(d, a, k, p, sd)
-            if c not in cells:
+            if c not in seen:
+                seen.add(c)
                 cells.append(c)
     if s.models:  # models trained elsewhere: one cell per record or checkpoint (grid.models)
         cells += model_cells(ls)

@@ -309,3 +309,38 @@ def test_the_example_spec_plans_the_records_beside_it(world):
     plan = build_plan(ls)
     assert plan.cells == 3 and plan.counts()["import"] == 3 and plan.counts()["attack"] == 0
     assert plan.counts()["eval"] == 9  # none, ft, tsbd on each
+
+
+def test_tune_on_an_imported_model(ray_session, world, tmp_path):
+    """`tune_on: [{model: NAME}]` tunes a defense on one imported model only (issue 19's leftover):
+    real Optuna journal, real Ray; the trial rows and the study name the cell by its model, the
+    defaults come first as the baseline trial, and the record is imported once for all trials."""
+    import optuna
+
+    from grid.run import open_runner
+    from grid.tune.driver import Tuning, run_study, tune_plan
+    from grid.tune.study import open_storage
+
+    text = spec_text("  - none\n" + FT) + (
+        "tune:\n"
+        "  defense: ft\n"
+        "  params: {epochs: 1}\n"
+        "  space: {lr: {type: float, low: 0.001, high: 0.02, log: true}}\n"
+        "  objectives: [acc, asr]\n"
+        "  sampler: random\n"
+        "  n_trials: 2\n"
+        "  tune_on: [{model: badnet_0_1}]\n")
+    ls = load(world, text)
+    tu = Tuning(ls, tmp_path / "out")
+    assert tu.tuned_on() == ["cifar10/tiny_cnn/badnet_0_1"] and tu.attacks_tuned_on() == "badnets"
+    plan = tune_plan(tu)
+    runner = open_runner(ls, tu.out, plan, show_progress=False)
+    try:
+        run_study(tu, runner, plan, say=lambda m: None)
+    finally:
+        runner.close()
+    study = optuna.load_study(study_name=tu.study_name, storage=open_storage(tu.storage))
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 2 and done[0].params == {"lr": 0.01} and done[0].user_attrs.get("bdgrid_default")
+    assert all("cell:cifar10/tiny_cnn/badnet_0_1" in t.user_attrs for t in done)
+    assert [k for k, _ in executed(tu.out)].count("import") == 1  # the other record and the checkpoint: not imported

@@ -33,6 +33,9 @@ def trial(
                                                           "clean data from --data-root."),
 ):
     """Train one backdoored model (or import one), apply one defense, print ACC / ASR / RA (and DER)."""
+    import sys
+
+    print("trial: starting (importing torch)", file=sys.stderr, flush=True)  # the imports below take seconds
     from defense.registry import BadParams, UnknownName
     from defense.trial import TrialConfig, run_trial
 

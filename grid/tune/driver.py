@@ -69,16 +69,22 @@ class Tuning:
         return self._cells[which]
 
     def label(self, cell) -> str:
-        s = self.ls.spec
-        return (f"{s.datasets[cell.dataset].name}/{cell.arch}/{s.attacks[cell.attack].name}"
-                f"@{cell.pratio:g}/s{cell.seed}")
+        """``dataset/arch/attack@pratio/sSEED``; an imported model's cell (``models:``) by its
+        ``model`` name, as its rows and filters name it."""
+        from grid.spec import cell_names
+
+        n = cell_names(self.ls.spec, cell)
+        if "model" in n:
+            return f"{n['dataset']}/{n['arch']}/{n['model']}"
+        return f"{n['dataset']}/{n['arch']}/{n['attack']}@{n['pratio']:g}/s{n['seed']}"
 
     def tuned_on(self) -> list[str]:
         return [self.label(c) for c, _ in self.cells()]
 
     def attacks_tuned_on(self) -> str:
-        s = self.ls.spec
-        return ",".join(sorted({s.attacks[c.attack].name for c, _ in self.cells()}))
+        from grid.spec import cell_names
+
+        return ",".join(sorted({cell_names(self.ls.spec, c)["attack"] for c, _ in self.cells()}))
 
     def open(self):
         return open_study(self.t, self.study_name, self.storage, self.tuned_on())

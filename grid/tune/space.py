@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 # Direction of each objective a trial can report; all read the validation split only.
 DIRECTIONS = {"acc": "maximize", "asr": "minimize", "ra": "maximize", "der": "maximize"}
 SAMPLERS = ("tpe", "nsga2", "grid", "random")
-FILTER_KEYS = ("dataset", "arch", "attack", "pratio", "seed")
+FILTER_KEYS = ("dataset", "arch", "attack", "pratio", "seed", "model")  # model: a ``models:`` entry's cell
 
 
 class Dist(BaseModel):
