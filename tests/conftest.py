@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# 2 threads, as on this project's 2-core machines; BDGRID_TEST_THREADS=1 runs the suite with other
+# float results (the fixtures' models differ bit for bit), which the learned-outcome thresholds
+# must survive (issue 16: the suite is timed and passed at both)
+torch.set_num_threads(int(os.environ.get("BDGRID_TEST_THREADS", "2")))
 
 SMALL = dict(n_train=4000, n_test=1000)
 
