@@ -179,16 +179,14 @@ def test_auto_choice_is_blind_to_the_trigger(badnets_model):
 AUTO_SEEDS = (0, 1, 2)
 AUTO_MAX_ASR = 0.10
 AUTO_MAX_DROP = 0.05
-# MEASURED with the default rule knee_budget (README, TSBD, "n: auto"; bench/tsbd_auto_table.py on
-# the fixtures' setting, models trained with 1 thread): BadNets seeds 0/1/2 chose 0.25/0.2/0.25 ->
-# test ASR 6.2/7.6/6.5, 2.2/0.3/3.7 ACC points lost; Blended seeds 0/1 chose 0.15/0.2 -> ASR
-# 1.5/2.6, 4.1/3.1 points lost, seed 2 chose 0.15 -> ASR 10.9: 5 of 6 within the bound, and
-# Blended seed 0 with 0.9 points of margin; and these fixtures (trained with 2 threads: other models) were not
-# measured with this rule (the first rule, budget: 2 of 4 runs within the bound). Until they are,
-# the test is an expected failure, not run (~3 CPU-min), and says so.
-NOT_YET = pytest.mark.xfail(run=False, reason="knee_budget met the bound on 5 of 6 BadNets/Blended runs of the "
-                                              "bench's 1-thread models (Blended seed 2: ASR 10.9) and was not "
-                                              "measured on these 2-thread fixtures; README, TSBD")
+# MEASURED with the default rule knee_budget on these fixtures (2026-12-03, --runxfail -s, 2 threads):
+# BadNets defender seeds 0/1/2 chose 0.25/0.25/0.25 -> test ASR 4.3/11.3/12.7%, ACC 91.8/90.8/91.0
+# (before 91.9); Blended 0.3/0.25/0.15 -> ASR 1.9/0.8/35.3%: 3 of 6 within the bound. On the bench's
+# 1-thread models 5 of 6 (README, TSBD, "n: auto"). Until the rule meets the bound the test is an
+# expected failure, not run (~8 CPU-min), and says so.
+NOT_YET = pytest.mark.xfail(run=False, reason="knee_budget on these fixtures: BadNets ASR 4.3/11.3/12.7%, Blended "
+                                              "1.9/0.8/35.3% on defender seeds 0/1/2 (3 of 6 within ASR <= 10%); "
+                                              "README, TSBD, n: auto")
 
 
 @pytest.mark.slow  # per seed: Stage 1a and about 4 Stage-2 runs on 400 images
