@@ -18,9 +18,9 @@ synthetic images (data seed 1), grey, cropped to 28x28 and written as MNIST idx 
 through bdgrid's ``mnist`` loader. Attacks at their defaults, the strengthened variants of
 tests/test_attacks_asr.py where defaults do not implant in this setting.
 
-    OMP_NUM_THREADS=1 nice -n 10 python bench/tsbd_auto_table.py --record bench/out/auto.jsonl \\
+    OMP_NUM_THREADS=1 nice -n 10 python bench/tsbd_auto_table.py --record bench/records/tsbd_auto.jsonl \\
         --datasets synthetic --attacks badnets,blended --seeds 0,1,2
-    python bench/tsbd_auto_table.py --table bench/out/auto.jsonl      # the README table
+    python bench/tsbd_auto_table.py --table bench/records/tsbd_auto.jsonl      # the README table
 """
 from __future__ import annotations
 
