@@ -91,8 +91,9 @@ def run_in_pty(argv: list[str], cwd: Path, timeout: float) -> tuple[int, float, 
     proc.wait()
     os.close(master)
     wall = time.monotonic() - t0
-    if time.monotonic() - last > silence:  # the quiet tail before exit counts too
-        silence, where = time.monotonic() - last, len(out)
+    tail = time.monotonic() - last  # the quiet tail before exit counts too
+    if tail > silence:
+        silence, where = tail, len(out)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return proc.returncode, wall, cpu, silence, _last_words(bytes(out[:where])), bytes(out)

@@ -180,8 +180,8 @@ AUTO_SEEDS = (0, 1, 2)
 AUTO_MAX_ASR = 0.10
 AUTO_MAX_DROP = 0.05
 # MEASURED with the default rule knee_budget on these fixtures (2026-12-03, --runxfail -s, 2 threads):
-# BadNets defender seeds 0/1/2 chose 0.25/0.25/0.25 -> test ASR 4.3/11.3/12.7%, ACC 91.8/90.8/91.0
-# (before 91.9); Blended 0.3/0.25/0.15 -> ASR 1.9/0.8/35.3%: 3 of 6 within the bound. On the bench's
+# BadNets defender seeds 0/1/2 chose 0.25/0.25/0.25 -> test ASR 4.3/11.3/12.7%, ACC after 91.8/90.8/91.0;
+# Blended 0.3/0.25/0.15 -> ASR 1.9/0.8/35.3%: 3 of 6 within the bound. On the bench's
 # 1-thread models 5 of 6 (README, TSBD, "n: auto"). Until the rule meets the bound the test is an
 # expected failure, not run (~8 CPU-min), and says so.
 NOT_YET = pytest.mark.xfail(run=False, reason="knee_budget on these fixtures: BadNets ASR 4.3/11.3/12.7%, Blended "
