@@ -42,7 +42,7 @@ from defense.data import load_dataset
 from defense.data.splits import defender_subset, val_test_indices
 from defense.methods import DefenseContext, run_defense
 from defense.methods.tsbd import NWC, TSBDParams, purify_with, split_holdout, tsbd_prepare
-from defense.methods.tsbd_auto import RULES, choose, held_out_view, nwc_knee, rung_signals, within_budget
+from defense.methods.tsbd_auto import RULES, TENSORS, choose, held_out_view, nwc_knee, rung_signals, within_budget
 from defense.models import create_model
 from defense.resources import ResourceCache
 from defense.train import get_recipe, train
@@ -61,6 +61,8 @@ ATTACK_PARAMS = {
     "ssba": {"epochs": 3, "width": 16, "batch_size": 32, "psnr": 20.0, "lr": 3e-3},
 }
 STRENGTHENED = {"wanet", "inputaware", "lf", "ssba"}
+SOFT = ("soft", "knee_soft")  # rules on the true-class probability: budgets in probability points
+SOFT_BUDGETS = [(0.01, 0.0), (0.02, 0.0), (0.03, 0.0), (0.02, 1.0), (0.03, 1.0)]
 RECIPE = get_recipe("fast", batch_size=64, lr=0.1)  # tests/attack_setup.py: batch 64 keeps steps on 4,000 images
 
 
@@ -132,10 +134,11 @@ def backdoored(dataset: str, attack: str, train_set, test_set, cache: ResourceCa
 # One (dataset, attack, seed)
 # ---------------------------------------------------------------------------------------
 
-def record(f, dataset, attack, seed, model, poisoned, train_set, test_set, how, have: dict):
+def record(f, dataset, attack, seed, model, poisoned, train_set, test_set, how, have: dict, full: bool = False):
     """Record one (dataset, attack, seed); ``have`` holds what a previous, interrupted run recorded
     for it ({kind: row}, rungs under ("rung", n)), which is not run again (the n = 0 rung is: the
-    later rungs' drop against it needs its predictions; it is deterministic)."""
+    later rungs' drop against it needs its predictions; it is deterministic). ``full``: every rung
+    of the ladder, past the stop below (a rule may choose a rung the stop skipped)."""
     val_idx, test_idx = val_test_indices(len(test_set), 0.2, seed=0)
     ev = lambda m, idx: evaluate(m, test_set, poisoned, idx, 0, "cpu")  # noqa: E731
     v0, t0 = ev(model, val_idx), ev(model, test_idx)
@@ -187,14 +190,14 @@ def record(f, dataset, attack, seed, model, poisoned, train_set, test_set, how, 
             cpu = time.process_time() - c0
             sig = rung_signals(view, net, ref)
             if n == 0.0:
-                ref = sig["pred"]
+                ref = sig
             v, t = ev(net, val_idx), ev(net, test_idx)
             if ("rung", n) not in have:
-                say(f, kind="rung", **key, n=n, cpu=cpu, sig={k: x for k, x in sig.items() if k != "pred"}, val=v, test=t)
+                say(f, kind="rung", **key, n=n, cpu=cpu, sig={k: x for k, x in sig.items() if k not in TENSORS}, val=v, test=t)
         if n == 0.1 and low and (v0["acc"] - v["acc"] > ORACLE_BUDGET or not within_budget(sig, 0.02, 1.0)
                                  or not within_budget(sig, 0.02, 1.0, "_ft")):
             order[order.index(0.1) + 1:order.index(0.1) + 1] = list(low)
-        if (v0["acc"] - v["acc"] > ORACLE_BUDGET and n >= 0.1 and not within_budget(sig, 0.02, 1.0)
+        if (not full and v0["acc"] - v["acc"] > ORACLE_BUDGET and n >= 0.1 and not within_budget(sig, 0.02, 1.0)
                 and not within_budget(sig, 0.02, 1.0, "_ft")):
             rest = order[order.index(n) + 1:]
             del order[order.index(n) + 1:]
@@ -223,6 +226,10 @@ def summarise(rows: list[dict], rule: str, budget: float | None = None, z: float
             out.append(row)
             continue
         ladder = [r for r in rungs if r["n"] > 0]
+        if rule in SOFT and any("pdrop_ft" not in r["sig"] for r in ladder):
+            row["skip"] = "no true-class probabilities recorded (an earlier recording)"
+            out.append(row)
+            continue
         p = TSBDParams(n="auto")
         p = replace(p, auto_budget=p.auto_budget if budget is None else budget, auto_z=p.auto_z if z is None else z)
         n_auto, visited = choose(rule, [dict(r["sig"], n=r["n"]) for r in ladder], by["prep"]["knee"], p)
@@ -269,7 +276,8 @@ def compare(rows: list[dict]) -> str:
     lines = ["| rule | budget, z | within bound | near oracle | mean ASR | mean ACC drop | worst ASR | worst drop | Stage-2 runs |",
              "|---|---|---|---|---|---|---|---|---|"]
     for rule in RULES:
-        for budget, z in ([(None, None)] if rule == "knee" else [(0.02, 1.0), (0.02, 0.0), (0.05, 1.0), (0.05, 0.0)]):
+        for budget, z in ([(None, None)] if rule == "knee" else SOFT_BUDGETS if rule in SOFT else
+                          [(0.02, 1.0), (0.02, 0.0), (0.05, 1.0), (0.05, 0.0)]):
             s = [r for r in summarise(rows, rule, budget, z) if "auto" in r]
             if not s:
                 continue
@@ -293,6 +301,8 @@ def main():
     ap.add_argument("--attacks", default=",".join(ATTACK_PARAMS))
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--full", action="store_true", help="every rung of the ladder, past the stop (reruns the cells "
+                    "whose recorded ladder stopped early; recorded rungs are not run again)")
     ap.add_argument("--root", default=os.environ.get("BDGRID_MEASURE", str(Path(tempfile.gettempdir()) / "bdgrid-auto")))
     a = ap.parse_args()
     if a.table:
@@ -313,7 +323,8 @@ def main():
             r = json.loads(line)
             k = (r["dataset"], r["attack"], r["seed"])
             have.setdefault(k, {})[("rung", r["n"]) if r["kind"] == "rung" else r["kind"]] = r
-    done = {k for k, v in have.items() if "done" in v or "skip" in v}
+    done = {k for k, v in have.items() if "skip" in v or ("done" in v and not (
+        a.full and any(("rung", n) not in v for n in TSBDParams().auto_ladder)))}
     Path(a.record).parent.mkdir(parents=True, exist_ok=True)
     with open(a.record, "a") as f:
         for ds in a.datasets.split(","):
@@ -328,7 +339,7 @@ def main():
                     say(f, kind="skip", dataset=ds, attack=atk, seed=todo[0], why=f"error: {type(e).__name__}: {e}")
                     continue
                 for s in todo:
-                    record(f, ds, atk, s, model, poisoned, tr, te, how, have.get((ds, atk, s), {}))
+                    record(f, ds, atk, s, model, poisoned, tr, te, how, have.get((ds, atk, s), {}), a.full)
 
 
 if __name__ == "__main__":

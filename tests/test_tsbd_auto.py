@@ -89,8 +89,8 @@ def _ladder(keep_up_to: int, knee: float = 0.0) -> Ladder:
     p = TSBDParams(n="auto", auto_ladder=tuple(i / 10 for i in range(11)))
     def compute(n, ref_pred):
         bad = n > keep_up_to / 10 + 1e-9
-        return {"drop": 0.5 * bad, "se": 0.0, "drop_ft": 0.5 * bad, "se_ft": 0.0, "agree": 1 - 0.5 * bad,
-                "held_out": 100, "pred": None}
+        return {"drop": 0.5 * bad, "se": 0.0, "drop_ft": 0.5 * bad, "se_ft": 0.0, "pdrop": 0.5 * bad, "pse": 0.0,
+                "pdrop_ft": 0.5 * bad, "pse_ft": 0.0, "agree": 1 - 0.5 * bad, "held_out": 100, "pred": None}
     return Ladder(p.auto_ladder, knee, p, compute)
 
 
@@ -104,11 +104,11 @@ def test_bisect_finds_the_last_kept_rung_in_few_runs(keep_up_to):
         lad = _ladder(keep_up_to, knee=0.25)
         j = rule(lad)
         assert 0 <= j <= 10
-        if name in ("budget", "budget_ft", "agree"):
+        if name in ("budget", "budget_ft", "agree", "soft"):
             assert j == max(0, keep_up_to), name
         if name == "knee":
             assert j == 3 and lad.visited == [0.3]  # the smallest value at or above the knee; one run
-        if name == "knee_budget":
+        if name in ("knee_budget", "knee_soft"):
             assert j == max(3, keep_up_to) and 0.0 in lad.visited  # never below the knee
 
 

@@ -52,12 +52,17 @@ def paired_drop(pred0: torch.Tensor, pred: torch.Tensor, y: torch.Tensor) -> dic
             "se": se, "agree": float((pred0 == pred).float().mean()), "held_out": len(y)}
 
 
-def within_budget(m: dict, budget: float, z: float, key: str = "") -> bool:
+TENSORS = ("pred", "ptrue")  # per-image signals: compared between rungs, not recorded
+
+
+def within_budget(m: dict, budget: float, z: float, key: str = "", soft: bool = False) -> bool:
     """Keep an n unless the held-out data show its drop exceeds ``budget`` by more than ``z``
     standard errors: drop - z * SE <= budget. With 100 held-out images and ~10 discordant ones
     the SE is ~3 points, so a bare ``drop <= budget`` would reject or keep on noise. ``key``
-    "_ft" reads the drop against the Stage-2-only model instead of the original."""
-    return m["drop" + key] - z * m["se" + key] <= budget
+    "_ft" reads the drop against the Stage-2-only model instead of the original; ``soft`` the
+    drop of the true class's probability (``pdrop``, ``pse``) instead of accuracy's."""
+    pre = "p" if soft else ""
+    return m[pre + "drop" + key] - z * m[pre + "se" + key] <= budget
 
 
 @torch.no_grad()
@@ -88,25 +93,43 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(lp.exp() * lp).sum(1)
 
 
-def rung_signals(view: dict, net: nn.Module, ref_pred: torch.Tensor | None = None) -> dict:
+def soft_drop(p0: torch.Tensor, p1: torch.Tensor) -> tuple[float, float]:
+    """Mean drop of the true class's probability from ``p0`` to ``p1`` (per image, same images)
+    and its paired standard error. Unlike 0/1 accuracy it counts every image's change, not only
+    the few that cross the decision boundary, so on 100 images its SE is a fraction of the
+    accuracy drop's."""
+    d = (p0 - p1).double()
+    h = len(d)
+    se = float(d.std(unbiased=True)) / math.sqrt(h) if h > 1 else 0.0
+    return float(d.mean()) if h else 0.0, se
+
+
+def rung_signals(view: dict, net: nn.Module, ref: dict | None = None) -> dict:
     """The held-out clean signals of one purified model: the paired drop from the original
-    (``paired_drop``), with ``ref_pred`` (the Stage-2-only model, n = 0) the same drop against it
-    (``drop_ft``, ``se_ft``), the mean entropy and top-1 confidence shift, the mean KL from the
-    original's softmax, and the mean probability of the ``suspect`` class on images of other
-    classes before (``sus0``) and after (``sus``). ``pred`` is the purified model's predictions."""
+    (``paired_drop``), with ``ref`` (the signals of the Stage-2-only model, n = 0) the same drop against it
+    (``drop_ft``, ``se_ft``), the true-class probability (``pacc``) and its paired drop from the
+    original and from ``ref`` (``pdrop``/``pse``, ``pdrop_ft``/``pse_ft``: ``soft_drop``), the mean
+    entropy and top-1 confidence shift, the mean KL from the original's softmax, and the mean
+    probability of the ``suspect`` class on images of other classes before (``sus0``) and after
+    (``sus``). ``pred`` and ``ptrue`` are the purified model's predictions and true-class probabilities."""
     logits = _logits(net, view["data"])
     pred, y = logits.argmax(1), view["y"]
     m = paired_drop(view["pred0"], pred, y)
-    if ref_pred is not None:
-        r = paired_drop(ref_pred, pred, y)
-        m.update(drop_ft=r["drop"], se_ft=r["se"])
     lp0, lp = F.log_softmax(view["logits0"], 1), F.log_softmax(logits, 1)
+    ptrue0, ptrue = lp0.exp().gather(1, y[:, None])[:, 0], lp.exp().gather(1, y[:, None])[:, 0]
+    m["pdrop"], m["pse"] = soft_drop(ptrue0, ptrue)
+    if ref is not None:
+        r = paired_drop(ref["pred"], pred, y)
+        m.update(drop_ft=r["drop"], se_ft=r["se"])
+        if ref.get("ptrue") is not None:
+            m["pdrop_ft"], m["pse_ft"] = soft_drop(ref["ptrue"], ptrue)
     other = y != view["suspect"]
-    m.update(ent=float(_entropy(logits).mean()), ent0=float(_entropy(view["logits0"]).mean()),
+    m.update(pacc=float(ptrue.mean()), pacc0=float(ptrue0.mean()),
+             ent=float(_entropy(logits).mean()), ent0=float(_entropy(view["logits0"]).mean()),
              conf=float(lp.exp().max(1).values.mean()), conf0=float(lp0.exp().max(1).values.mean()),
              kl=float((lp0.exp() * (lp0 - lp)).sum(1).mean()),
              sus=float(lp.exp()[other, view["suspect"]].mean()) if other.any() else 0.0,
-             sus0=float(lp0.exp()[other, view["suspect"]].mean()) if other.any() else 0.0, pred=pred)
+             sus0=float(lp0.exp()[other, view["suspect"]].mean()) if other.any() else 0.0, pred=pred, ptrue=ptrue)
     return m
 
 
@@ -128,7 +151,7 @@ def nwc_knee(nwc: NWC) -> float:
 class Ladder:
     """The ladder values ``ns`` (ascending), the NWC ``knee``, the parameters ``p``, and
     ``rung(i)`` / ``ref()``: the held-out signals of n = ns[i] / of n = 0, computed on first use
-    by ``compute(n, ref_pred)`` (a Stage 1c + 2 run in ``defend_auto``, a recorded row in the
+    by ``compute(n, ref)`` (``ref``: the n = 0 rung's signals or None; a Stage 1c + 2 run in ``defend_auto``, a recorded row in the
     bench). ``visited`` lists the n values computed, in order."""
 
     def __init__(self, ns, knee: float, p: TSBDParams, compute: Callable):
@@ -145,7 +168,7 @@ class Ladder:
 
     def rung(self, i: int) -> dict:
         if i not in self._rungs:
-            self._rungs[i] = self._compute(self.ns[i], self._ref.get("pred") if self._ref else None)
+            self._rungs[i] = self._compute(self.ns[i], self._ref)
             self.visited.append(self.ns[i])
         return self._rungs[i]
 
@@ -168,47 +191,48 @@ def _bisect(lad: Ladder, keep: Callable[[dict], bool], lo: int = -1) -> int:
     return lo
 
 
-def rule_budget(lad: Ladder) -> int:
-    """Largest n whose held-out ACC drop from the original is within ``auto_budget`` (+ ``auto_z`` SE)."""
-    p = lad.p
-    return max(0, _bisect(lad, lambda s: within_budget(s, p.auto_budget, p.auto_z)))
+def _agree_keeps(s: dict, p: TSBDParams) -> bool:
+    d = 1 - s["agree"]
+    return d - p.auto_z * math.sqrt(max(d * (1 - d), 1e-12) / s["held_out"]) <= 2 * p.auto_budget
 
 
-def rule_budget_ft(lad: Ladder) -> int:
-    """As ``budget``, the drop measured against the Stage-2-only model (n = 0, the same fine-tuning,
-    nothing zeroed; one more rung): the held-out images are training images the original fitted
-    and every fine-tuned model partly forgets, whatever n is; this charges n only for the zeroing."""
-    p = lad.p
-    lad.ref()
-    return max(0, _bisect(lad, lambda s: within_budget(s, p.auto_budget, p.auto_z, "_ft")))
-
-
-def rule_agree(lad: Ladder) -> int:
-    """Largest n whose disagreement with the original, minus one binomial SE, is <= 2 * auto_budget."""
-    def keep(s):
-        d = 1 - s["agree"]
-        return d - lad.p.auto_z * math.sqrt(max(d * (1 - d), 1e-12) / s["held_out"]) <= 2 * lad.p.auto_budget
-    return max(0, _bisect(lad, keep))
-
-
-def rule_knee(lad: Ladder) -> int:
-    """The NWC knee alone: no accuracy check, one Stage-2 run."""
-    i = lad.knee_index()
-    lad.rung(i)
-    return i
-
-
-def rule_knee_budget(lad: Ladder) -> int:
-    """At least the knee; above it, the largest n within the budget against the Stage-2-only model."""
-    p, k = lad.p, lad.knee_index()
-    lad.ref()
-    return max(k, _bisect(lad, lambda s: within_budget(s, p.auto_budget, p.auto_z, "_ft"), lo=k))
-
-
-RULES: dict[str, Callable[[Ladder], int]] = {
-    "budget": rule_budget, "budget_ft": rule_budget_ft, "agree": rule_agree,
-    "knee": rule_knee, "knee_budget": rule_knee_budget,
+# rule -> (what keeps a rung, measured against n = 0, at least the knee); "knee" keeps nothing
+RULE_KEEPS: dict[str, tuple[Callable[[dict, TSBDParams], bool] | None, bool, bool]] = {
+    # the held-out ACC drop from the original (the first version)
+    "budget": (lambda s, p: within_budget(s, p.auto_budget, p.auto_z), False, False),
+    # the same against the Stage-2-only model (n = 0, the same fine-tuning, nothing zeroed): the
+    # held-out images are training images the original fitted and every fine-tuned model partly
+    # forgets, whatever n is; this charges n only for the zeroing
+    "budget_ft": (lambda s, p: within_budget(s, p.auto_budget, p.auto_z, "_ft"), True, False),
+    # disagreement with the original, minus z binomial SE, <= 2 * auto_budget
+    "agree": (_agree_keeps, False, False),
+    # the NWC knee alone: no accuracy check, one Stage-2 run
+    "knee": (None, False, True),
+    "knee_budget": (lambda s, p: within_budget(s, p.auto_budget, p.auto_z, "_ft"), True, True),
+    # the true-class probability's drop against n = 0 (soft_drop): every image counts
+    "soft": (lambda s, p: within_budget(s, p.auto_budget, p.auto_z, "_ft", soft=True), True, False),
+    "knee_soft": (lambda s, p: within_budget(s, p.auto_budget, p.auto_z, "_ft", soft=True), True, True),
 }
+
+
+def _rule(name: str) -> Callable[[Ladder], int]:
+    keep, against_ref, knee_floor = RULE_KEEPS[name]
+
+    def rule(lad: Ladder) -> int:
+        k = lad.knee_index() if knee_floor else -1
+        if keep is None:
+            lad.rung(k)
+            return k
+        if against_ref:
+            lad.ref()
+        return max(k, 0, _bisect(lad, lambda s: keep(s, lad.p), lo=k))
+    rule.__name__ = rule.__qualname__ = f"rule_{name}"
+    return rule
+
+
+# A rule: a Ladder in, the chosen index out: at least the knee where it says so; above it, by
+# bisection, the largest n its keep-predicate keeps
+RULES: dict[str, Callable[[Ladder], int]] = {name: _rule(name) for name in RULE_KEEPS}
 
 
 def choose(rule: str, rungs: list[dict], knee: float, p: TSBDParams, ref: dict | None = None) -> tuple[float, list[float]]:
@@ -216,7 +240,8 @@ def choose(rule: str, rungs: list[dict], knee: float, p: TSBDParams, ref: dict |
     n = 0 rung): (chosen n, n values the rule would have run). Rungs not recorded (the bench stops
     past a large drop) count as far over budget."""
     by_n = {r["n"]: r for r in rungs}
-    far = {"drop": 1.0, "se": 0.0, "drop_ft": 1.0, "se_ft": 0.0, "agree": 0.0, "held_out": 1}
+    far = {"drop": 1.0, "se": 0.0, "drop_ft": 1.0, "se_ft": 0.0, "pdrop": 1.0, "pse": 0.0, "pdrop_ft": 1.0,
+           "pse_ft": 0.0, "agree": 0.0, "held_out": 1}
     lad = Ladder(p.auto_ladder, knee, p, lambda n, _ref: (ref or {"pred": None}) if n == 0.0 else by_n.get(n, far))
     i = RULES[rule](lad)
     return lad.ns[i], lad.visited
@@ -235,9 +260,9 @@ def defend_auto(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseContex
     view = held_out_view(model, held, prep)
     models = {}
 
-    def compute(n: float, ref_pred):
+    def compute(n: float, ref):
         net, counts, curve = purify_with(model, stages_part, nwc, replace(p, n=n), ctx)
-        s = rung_signals(view, net, ref_pred)
+        s = rung_signals(view, net, ref)
         models[n] = (net, counts, curve)
         ft = f", against n=0 {s['drop_ft']:.4f} +- {s['se_ft']:.4f}" if "drop_ft" in s else ""
         ctx.log(f"tsbd auto n={n}: held-out acc {s['acc']:.4f} (original {s['acc0']:.4f}, drop "
@@ -251,9 +276,10 @@ def defend_auto(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseContex
     rows = []
     for n in sorted(lad.visited):
         s = lad.ref() if n == 0.0 else lad.rung(ladder.index(n))
-        row = {k: v for k, v in s.items() if k != "pred"}
+        row = {k: v for k, v in s.items() if k not in TENSORS}
         if n > 0:
-            row["within_budget"] = within_budget(s, p.auto_budget, p.auto_z, "_ft" if "drop_ft" in s else "")
+            keep = RULE_KEEPS[p.auto_rule][0] or RULE_KEEPS["budget_ft" if "drop_ft" in s else "budget"][0]
+            row["within_budget"] = keep(s, p)
         rows.append({"n": n, **row, "chosen": n == chosen})
     if not any(r.get("within_budget") for r in rows if r["n"] > 0) and p.auto_rule != "knee":
         msg = (f"tsbd n: auto ({p.auto_rule}): no n of {list(ladder)} kept held-out clean accuracy within "
