@@ -62,7 +62,8 @@ ATTACK_PARAMS = {
 }
 STRENGTHENED = {"wanet", "inputaware", "lf", "ssba"}
 SOFT = ("soft", "knee_soft")  # rules on the true-class probability: budgets in probability points
-SOFT_BUDGETS = [(0.01, 0.0), (0.02, 0.0), (0.03, 0.0), (0.02, 1.0), (0.03, 1.0)]
+SOFT_STOP = 0.10  # the ladder runs on while the true-class probability's drop is within this (the soft rules' budgets are below it)
+SOFT_BUDGETS = [(0.04, 0.0), (0.05, 0.0), (0.06, 0.0), (0.07, 0.0), (0.08, 0.0), (0.05, 1.0)]
 RECIPE = get_recipe("fast", batch_size=64, lr=0.1)  # tests/attack_setup.py: batch 64 keeps steps on 4,000 images
 
 
@@ -164,8 +165,9 @@ def record(f, dataset, attack, seed, model, poisoned, train_set, test_set, how, 
         say(f, kind="ft", **key, cpu=time.process_time() - c0, test=ev(out.model, test_idx), val=ev(out.model, val_idx))
 
     # the held-out ladder, ascending, until no budget rule and not the oracle can keep a rung:
-    # validation drop > ORACLE_BUDGET and the held-out drop (against the original and against
-    # n = 0) over 2 points + 1 SE (the rules' default budget). Rungs past it are not run; a replay
+    # validation drop > ORACLE_BUDGET, the held-out drop (against the original and against
+    # n = 0) over 2 points + 1 SE (the rules' default budget) and the true-class probability's
+    # drop over SOFT_STOP. Rungs past it are not run; a replay
     # counts them as over budget (as the rules' bisection assumes).
     p = TSBDParams(n="auto", **base)
     c0 = time.process_time()
@@ -198,7 +200,7 @@ def record(f, dataset, attack, seed, model, poisoned, train_set, test_set, how, 
                                  or not within_budget(sig, 0.02, 1.0, "_ft")):
             order[order.index(0.1) + 1:order.index(0.1) + 1] = list(low)
         if (not full and v0["acc"] - v["acc"] > ORACLE_BUDGET and n >= 0.1 and not within_budget(sig, 0.02, 1.0)
-                and not within_budget(sig, 0.02, 1.0, "_ft")):
+                and not within_budget(sig, 0.02, 1.0, "_ft") and not within_budget(sig, SOFT_STOP, 0.0, soft=True)):
             rest = order[order.index(n) + 1:]
             del order[order.index(n) + 1:]
             order.extend(x for x in rest if x < 0.1)  # the low rungs still run; the higher ones do not
@@ -226,12 +228,14 @@ def summarise(rows: list[dict], rule: str, budget: float | None = None, z: float
             out.append(row)
             continue
         ladder = [r for r in rungs if r["n"] > 0]
-        if rule in SOFT and any("pdrop_ft" not in r["sig"] for r in ladder):
+        if rule in SOFT and any("pdrop" not in r["sig"] for r in ladder):
             row["skip"] = "no true-class probabilities recorded (an earlier recording)"
             out.append(row)
             continue
         p = TSBDParams(n="auto")
-        p = replace(p, auto_budget=p.auto_budget if budget is None else budget, auto_z=p.auto_z if z is None else z)
+        if budget is not None:
+            p = replace(p, **{"auto_prob_budget" if rule in SOFT else "auto_budget": budget})
+        p = replace(p, auto_z=p.auto_z if z is None else z)
         n_auto, visited = choose(rule, [dict(r["sig"], n=r["n"]) for r in ladder], by["prep"]["knee"], p)
         auto = next((r for r in ladder if r["n"] == n_auto), None)
         if auto is None:  # the ladder skipped that rung (below 0.1 while 0.1 was within every budget)

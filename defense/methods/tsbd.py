@@ -100,6 +100,9 @@ class TSBDParams:
     auto_rule: str = "knee_budget"
     auto_budget: float = 0.02
     auto_z: float = 0.0
+    # the soft rules (soft, knee_soft): the budget on the held-out mean true-class probability's
+    # drop from the original (tsbd_auto.soft_drop), in probability points
+    auto_prob_budget: float = 0.06
     auto_ladder: tuple[float, ...] = (0.01, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 0.9)  # tsbd.py's sweep
 
     def __post_init__(self):
@@ -120,8 +123,9 @@ class TSBDParams:
             yield f"holdout must be in [0, 1), got {self.holdout}"
         elif self.n == "auto" and self.holdout == 0:
             yield "n: auto needs held-out clean data to choose n on: holdout must be > 0 (default 0.2)"
-        if self.auto_budget < 0 or self.auto_z < 0:
-            yield f"auto_budget and auto_z must be >= 0, got {self.auto_budget}, {self.auto_z}"
+        if self.auto_budget < 0 or self.auto_z < 0 or self.auto_prob_budget < 0:
+            yield (f"auto_budget, auto_prob_budget and auto_z must be >= 0, got {self.auto_budget}, "
+                   f"{self.auto_prob_budget}, {self.auto_z}")
         if self.n == "auto":
             rules = AUTO_RULES.get("rules", {})  # tsbd_auto's RULES, registered with this package
             if self.auto_rule not in rules:

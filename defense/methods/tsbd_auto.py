@@ -209,9 +209,10 @@ RULE_KEEPS: dict[str, tuple[Callable[[dict, TSBDParams], bool] | None, bool, boo
     # the NWC knee alone: no accuracy check, one Stage-2 run
     "knee": (None, False, True),
     "knee_budget": (lambda s, p: within_budget(s, p.auto_budget, p.auto_z, "_ft"), True, True),
-    # the true-class probability's drop against n = 0 (soft_drop): every image counts
-    "soft": (lambda s, p: within_budget(s, p.auto_budget, p.auto_z, "_ft", soft=True), True, False),
-    "knee_soft": (lambda s, p: within_budget(s, p.auto_budget, p.auto_z, "_ft", soft=True), True, True),
+    # the held-out true-class probability's drop from the original (soft_drop) within
+    # auto_prob_budget: every image counts, not only those that cross the decision boundary
+    "soft": (lambda s, p: within_budget(s, p.auto_prob_budget, p.auto_z, soft=True), False, False),
+    "knee_soft": (lambda s, p: within_budget(s, p.auto_prob_budget, p.auto_z, soft=True), False, True),
 }
 
 
