@@ -299,7 +299,8 @@ def compare(rows: list[dict]) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--record", help="run and append JSON lines here")
-    ap.add_argument("--table", help="print the README table (and the rule comparison) from this JSONL")
+    ap.add_argument("--table", help="print the README table (and the rule comparison) from this JSONL "
+                    "(or several, comma-separated: the comparison counts every run)")
     ap.add_argument("--rule", default=TSBDParams().auto_rule)
     ap.add_argument("--datasets", default="synthetic,mnistfmt")
     ap.add_argument("--attacks", default=",".join(ATTACK_PARAMS))
@@ -310,7 +311,13 @@ def main():
     ap.add_argument("--root", default=os.environ.get("BDGRID_MEASURE", str(Path(tempfile.gettempdir()) / "bdgrid-auto")))
     a = ap.parse_args()
     if a.table:
-        rows = [json.loads(line) for line in Path(a.table).read_text().splitlines() if line.strip()]
+        rows = []
+        for i, path in enumerate(a.table.split(",")):  # several recordings: the later ones' datasets marked
+            for line in Path(path).read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    r["dataset"] += f" ({Path(path).stem})" if i else ""
+                    rows.append(r)
         print(table(rows, a.rule))
         print()
         print(compare(rows))

@@ -9,7 +9,8 @@ default 95% confidence), on the table's cached model imported as a ``models:`` c
 that defender seed. It records tune's choice beside the ladder's, and whether tune's validation
 numbers for each n equal the recorded rung's (the same model: same Dc, holdout and seed).
 
-    OMP_NUM_THREADS=1 nice -n 10 python bench/tsbd_oracle_tune.py --cells synthetic:badnets:0,synthetic:blended:0 \\
+    python bench/tsbd_oracle_tune.py --cells synthetic:badnets:0,synthetic:blended:0 --threads 2 \\
+        --root /tmp/bdgrid-auto-t2 --ladder bench/records/tsbd_auto_fixtures.jsonl \\
         --record bench/records/tsbd_oracle_tune.jsonl
     python bench/tsbd_oracle_tune.py --table bench/records/tsbd_oracle_tune.jsonl
 """
@@ -33,7 +34,7 @@ LADDER = list(TSBDParams().auto_ladder)
 DATASETS = {"synthetic": {"name": "synthetic", "params": {"n_train": 4000, "n_test": 1000}}}
 
 
-def spec_for(dataset: str, attack: str, seed: int, root: Path) -> dict:
+def spec_for(dataset: str, attack: str, seed: int, root: Path, threads: int = 2) -> dict:
     """One tune spec: the table's cached model of (dataset, attack) as a checkpoint cell with
     defender seed ``seed``; n over the ladder; everything else as the table's rungs."""
     ds = DATASETS.get(dataset) or {"name": "mnist", "root": str(root / "mnistfmt")}
@@ -45,7 +46,8 @@ def spec_for(dataset: str, attack: str, seed: int, root: Path) -> dict:
         "datasets": [ds],
         "defender_ratio": 0.125,  # 500 defender images, as the table
         "val_ratio": 0.2,
-        "resources": {"prepare": {"cpus": 1}, "defense": {"cpus": 1}, "eval": {"cpus": 1}},
+        # a stage's torch threads are its cpus (grid.stages): the ladder's recording's threads
+        "resources": {k: {"cpus": threads} for k in ("prepare", "defense", "eval")},
         "tune": {
             "defense": "tsbd",
             "params": {"un_threshold": 0.2, "holdout": 0.2},
@@ -57,8 +59,8 @@ def spec_for(dataset: str, attack: str, seed: int, root: Path) -> dict:
     }
 
 
-def run_cell(dataset: str, attack: str, seed: int, root: Path, work: Path) -> dict:
-    spec = spec_for(dataset, attack, seed, root)
+def run_cell(dataset: str, attack: str, seed: int, root: Path, work: Path, threads: int) -> dict:
+    spec = spec_for(dataset, attack, seed, root, threads)
     path = work / f"{spec['name']}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     out = work / spec["name"]
@@ -90,6 +92,7 @@ def main():
     ap.add_argument("--ladder", default=str(HERE / "records" / "tsbd_auto.jsonl"), help="tsbd_auto_table.py's record")
     ap.add_argument("--root", default=os.environ.get("BDGRID_MEASURE", str(Path(tempfile.gettempdir()) / "bdgrid-auto")),
                     help="tsbd_auto_table.py's --root (its cached models)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per stage: those of the ladder's recording")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "bdgrid-oracle-tune"))
     a = ap.parse_args()
     if a.table:
@@ -109,7 +112,7 @@ def main():
     for cell in a.cells.split(","):
         dataset, attack, seed = cell.split(":")
         seed = int(seed)
-        got = run_cell(dataset, attack, seed, Path(a.root), work)
+        got = run_cell(dataset, attack, seed, Path(a.root), work, a.threads)
         if "error" in got:
             print(f"{cell}: bdgrid tune failed:\n{got['error']}", file=sys.stderr)
             continue

@@ -92,17 +92,18 @@ class TSBDParams:
     # None means 0.2 when n is "auto" and 0 otherwise (the reference: all of Dc is used). It is a
     # shared parameter, so an auto run never reuses a fixed-n run's unlearning on the whole Dc.
     holdout: float | None = None
-    # n: auto: the rule that picks n (tsbd_auto.RULES). knee_budget: at least the knee of the NWC
-    # curve, above it the largest n whose held-out clean accuracy is within auto_budget of the
-    # Stage-2-only model's, allowing auto_z paired standard errors (tsbd_auto.within_budget). z 0:
-    # with 100 held-out images the SE is ~3 points, and z 1 kept rungs that cost 7.7 test points
-    # (README, TSBD, "n: auto", bench/tsbd_auto_table.py, for the measurements).
-    auto_rule: str = "knee_budget"
+    # n: auto: the rule that picks n (tsbd_auto.RULES). knee_soft: at least the knee of the NWC
+    # curve, above it the largest n whose held-out mean true-class probability is within
+    # auto_prob_budget of the original's (tsbd_auto.soft_drop); it measured best of the rules
+    # side by side (README, TSBD, "n: auto", bench/tsbd_auto_table.py). The accuracy rules
+    # (knee_budget, budget, ...) read auto_budget: with 100 held-out images an accuracy drop's SE
+    # is ~3 points. auto_z: standard errors a drop may exceed its budget by.
+    auto_rule: str = "knee_soft"
     auto_budget: float = 0.02
     auto_z: float = 0.0
     # the soft rules (soft, knee_soft): the budget on the held-out mean true-class probability's
     # drop from the original (tsbd_auto.soft_drop), in probability points
-    auto_prob_budget: float = 0.06
+    auto_prob_budget: float = 0.05
     auto_ladder: tuple[float, ...] = (0.01, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 0.9)  # tsbd.py's sweep
 
     def __post_init__(self):
