@@ -283,8 +283,10 @@ def defend_auto(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseContex
             row["within_budget"] = keep(s, p)
         rows.append({"n": n, **row, "chosen": n == chosen})
     if not any(r.get("within_budget") for r in rows if r["n"] > 0) and p.auto_rule != "knee":
-        msg = (f"tsbd n: auto ({p.auto_rule}): no n of {list(ladder)} kept held-out clean accuracy within "
-               f"{p.auto_budget} of the reference's; using n={chosen}")
+        what = (f"mean true-class probability within {p.auto_prob_budget}" if "soft" in p.auto_rule
+                else f"clean accuracy within {p.auto_budget}")
+        msg = (f"tsbd n: auto ({p.auto_rule}): no n of {list(ladder)} kept held-out {what} of the "
+               f"reference's; using n={chosen}")
         ctx.log(msg)
         warnings.warn(msg, stacklevel=2)
     net, counts, curve = models[chosen]
