@@ -42,7 +42,7 @@ from defense.data import load_dataset
 from defense.data.splits import defender_subset, val_test_indices
 from defense.methods import DefenseContext, run_defense
 from defense.methods.tsbd import NWC, TSBDParams, purify_with, split_holdout, tsbd_prepare
-from defense.methods.tsbd_auto import RULES, TENSORS, choose, held_out_view, nwc_knee, rung_signals, within_budget
+from defense.methods.tsbd_auto import RULES, SOFT_RULES, TENSORS, choose, held_out_view, nwc_knee, rung_signals, within_budget
 from defense.models import create_model
 from defense.resources import ResourceCache
 from defense.train import get_recipe, train
@@ -61,7 +61,6 @@ ATTACK_PARAMS = {
     "ssba": {"epochs": 3, "width": 16, "batch_size": 32, "psnr": 20.0, "lr": 3e-3},
 }
 STRENGTHENED = {"wanet", "inputaware", "lf", "ssba"}
-SOFT = ("soft", "knee_soft")  # rules on the true-class probability: budgets in probability points
 SOFT_STOP = 0.10  # the ladder runs on while the true-class probability's drop is within this (the soft rules' budgets are below it)
 SOFT_BUDGETS = [(0.04, 0.0), (0.05, 0.0), (0.06, 0.0), (0.07, 0.0), (0.08, 0.0), (0.05, 1.0)]
 RECIPE = get_recipe("fast", batch_size=64, lr=0.1)  # tests/attack_setup.py: batch 64 keeps steps on 4,000 images
@@ -211,6 +210,14 @@ def record(f, dataset, attack, seed, model, poisoned, train_set, test_set, how, 
 # The table, from recorded rows
 # ---------------------------------------------------------------------------------------
 
+def oracle(rungs: list[dict], v0_acc: float) -> dict | None:
+    """n tuned on the validation split: the recorded rung (n > 0) with the lowest validation ASR
+    among those within ORACLE_BUDGET validation ACC of the original's ``v0_acc`` (ties: smaller
+    n); None if none is."""
+    ok = [r for r in rungs if r["n"] > 0 and v0_acc - r["val"]["acc"] <= ORACLE_BUDGET]
+    return min(ok, key=lambda r: (r["val"]["asr"], r["n"])) if ok else None
+
+
 def summarise(rows: list[dict], rule: str, budget: float | None = None, z: float | None = None) -> list[dict]:
     """One row per (dataset, attack, seed): before, fixed 0.1, auto (``rule``), oracle, FT."""
     groups: dict = {}
@@ -228,13 +235,13 @@ def summarise(rows: list[dict], rule: str, budget: float | None = None, z: float
             out.append(row)
             continue
         ladder = [r for r in rungs if r["n"] > 0]
-        if rule in SOFT and any("pdrop" not in r["sig"] for r in ladder):
+        if rule in SOFT_RULES and any("pdrop" not in r["sig"] for r in ladder):
             row["skip"] = "no true-class probabilities recorded (an earlier recording)"
             out.append(row)
             continue
         p = TSBDParams(n="auto")
         if budget is not None:
-            p = replace(p, **{"auto_prob_budget" if rule in SOFT else "auto_budget": budget})
+            p = replace(p, **{"auto_prob_budget" if rule in SOFT_RULES else "auto_budget": budget})
         p = replace(p, auto_z=p.auto_z if z is None else z)
         n_auto, visited = choose(rule, [dict(r["sig"], n=r["n"]) for r in ladder], by["prep"]["knee"], p)
         auto = next((r for r in ladder if r["n"] == n_auto), None)
@@ -242,9 +249,7 @@ def summarise(rows: list[dict], rule: str, budget: float | None = None, z: float
             row["skip"] = f"rule chose n={n_auto}, a rung not recorded"
             out.append(row)
             continue
-        v0 = by["before"]["val"]["acc"]
-        ok = [r for r in ladder if v0 - r["val"]["acc"] <= ORACLE_BUDGET] or ladder[:1]
-        orc = min(ok, key=lambda r: (r["val"]["asr"], r["n"]))
+        orc = oracle(ladder, by["before"]["val"]["acc"]) or ladder[0]
         rung_cpu = {r["n"]: r["cpu"] for r in rungs}
         row.update(fixed=by["fixed"]["test"], ft=by["ft"]["test"], auto=auto["test"], auto_n=n_auto,
                    oracle=orc["test"], oracle_n=orc["n"], knee=by["prep"]["knee"],
@@ -280,7 +285,7 @@ def compare(rows: list[dict]) -> str:
     lines = ["| rule | budget, z | within bound | near oracle | mean ASR | mean ACC drop | worst ASR | worst drop | Stage-2 runs |",
              "|---|---|---|---|---|---|---|---|---|"]
     for rule in RULES:
-        for budget, z in ([(None, None)] if rule == "knee" else SOFT_BUDGETS if rule in SOFT else
+        for budget, z in ([(None, None)] if rule == "knee" else SOFT_BUDGETS if rule in SOFT_RULES else
                           [(0.02, 1.0), (0.02, 0.0), (0.05, 1.0), (0.05, 0.0)]):
             s = [r for r in summarise(rows, rule, budget, z) if "auto" in r]
             if not s:

@@ -28,6 +28,7 @@ import _common  # noqa: F401  (puts the repository on sys.path)
 import yaml
 
 from defense.methods.tsbd import TSBDParams
+from tsbd_auto_table import oracle
 
 HERE = Path(__file__).resolve().parent
 LADDER = list(TSBDParams().auto_ladder)
@@ -79,9 +80,11 @@ def run_cell(dataset: str, attack: str, seed: int, root: Path, work: Path, threa
             "warnings": best["warnings"], "trials": trials}
 
 
-def ladder_rows(path: Path, dataset: str, attack: str, seed: int) -> dict:
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return {r["n"]: r for r in rows if r["kind"] == "rung" and (r["dataset"], r["attack"], r["seed"]) == (dataset, attack, seed)}
+def ladder_rows(path: Path, dataset: str, attack: str, seed: int) -> tuple[dict, dict]:
+    """The recorded rungs of one cell by n, and its "before" row."""
+    rows = [r for r in map(json.loads, filter(str.strip, path.read_text().splitlines()))
+            if (r["dataset"], r["attack"], r["seed"]) == (dataset, attack, seed)]
+    return {r["n"]: r for r in rows if r["kind"] == "rung"}, next(r for r in rows if r["kind"] == "before")
 
 
 def main():
@@ -116,12 +119,9 @@ def main():
         if "error" in got:
             print(f"{cell}: bdgrid tune failed:\n{got['error']}", file=sys.stderr)
             continue
-        rungs = ladder_rows(Path(a.ladder), dataset, attack, seed)
-        before = next(json.loads(x) for x in Path(a.ladder).read_text().splitlines()
-                      if '"before"' in x and (json.loads(x)["dataset"], json.loads(x)["attack"], json.loads(x)["seed"]) == (dataset, attack, seed))
+        rungs, before = ladder_rows(Path(a.ladder), dataset, attack, seed)
         v0 = before["val"]["acc"]
-        ok = [r for n, r in sorted(rungs.items()) if n > 0 and v0 - r["val"]["acc"] <= 0.05]
-        orc = min(ok, key=lambda r: (r["val"]["asr"], r["n"])) if ok else None
+        orc = oracle(list(rungs.values()), v0)
         same = [n for n, st in got["trials"].items() if n in rungs and st
                 and abs(st["acc"] - rungs[n]["val"]["acc"]) < 1e-9 and abs(st["asr"] - rungs[n]["val"]["asr"]) < 1e-9]
         row = {"dataset": dataset, "attack": attack, "seed": seed, "tune_n": got["tune_n"], "acc_drop": got["acc_drop"],

@@ -216,6 +216,10 @@ RULE_KEEPS: dict[str, tuple[Callable[[dict, TSBDParams], bool] | None, bool, boo
 }
 
 
+# the rules whose budget is auto_prob_budget (the true-class probability); the rest read auto_budget
+SOFT_RULES = ("soft", "knee_soft")
+
+
 def _rule(name: str) -> Callable[[Ladder], int]:
     keep, against_ref, knee_floor = RULE_KEEPS[name]
 
@@ -283,7 +287,7 @@ def defend_auto(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseContex
             row["within_budget"] = keep(s, p)
         rows.append({"n": n, **row, "chosen": n == chosen})
     if not any(r.get("within_budget") for r in rows if r["n"] > 0) and p.auto_rule != "knee":
-        what = (f"mean true-class probability within {p.auto_prob_budget}" if "soft" in p.auto_rule
+        what = (f"mean true-class probability within {p.auto_prob_budget}" if p.auto_rule in SOFT_RULES
                 else f"clean accuracy within {p.auto_budget}")
         msg = (f"tsbd n: auto ({p.auto_rule}): no n of {list(ladder)} kept held-out {what} of the "
                f"reference's; using n={chosen}")
