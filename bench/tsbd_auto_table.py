@@ -115,17 +115,26 @@ def backdoored(dataset: str, attack: str, train_set, test_set, cache: ResourceCa
                             recipe=replace(RECIPE, epochs=8))
         poisoned = run_attack(attack, train_set, test_set, ATTACK_PARAMS[attack], ctx)
     path = root / f"model_{dataset}_{attack}.pt"
+    # a hook that trains with the model (Input-aware's pattern generator) is cached beside it:
+    # without it a cached model meets an untrained trigger and looks not implanted
+    stateful = hasattr(poisoned.hook, "state_dict")
+    hook_path = path.with_suffix(".hook.pt")
     model = create_model("tiny_cnn", info.num_classes, info.channels, info.size)
-    if path.exists():
+    cached = path.exists() and (hook_path.exists() or not stateful)
+    if cached:
         model.load_state_dict(torch.load(path, weights_only=True))
+        if stateful:
+            poisoned.hook.load_state_dict(torch.load(hook_path, weights_only=True))
     elif fixture:
         model, _ = train_backdoored(cfg, poisoned)
     else:
         torch.manual_seed(0)
         epochs = 12 if attack == "inputaware" else 8
         train(model, poisoned.train, replace(RECIPE, epochs=epochs), seed=0, device="cpu", hook=poisoned.hook)
-    if not path.exists():
+    if not cached:
         torch.save(model.state_dict(), path)
+        if stateful:
+            torch.save(poisoned.hook.state_dict(), hook_path)
     model.eval()
     return model, poisoned, "fixture (fast, 12 ep)" if fixture else "batch-64 recipe"
 

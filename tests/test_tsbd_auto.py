@@ -85,13 +85,14 @@ def test_paired_drop_and_budget():
     assert paired_drop(pred0, pred0, y)["se"] == 0.0
 
 
-def _ladder(keep_up_to: int, knee: float = 0.0) -> Ladder:
-    """An 11-rung ladder whose held-out drop is 0 up to index ``keep_up_to`` and 0.5 above it."""
+def _ladder(keep_up_to: int, knee: float = 0.0, over: float = 10.0) -> Ladder:
+    """An 11-rung ladder whose held-out drops are 0 up to index ``keep_up_to`` and ``over`` times
+    their budget above it."""
     p = TSBDParams(n="auto", auto_ladder=tuple(i / 10 for i in range(11)))
     def compute(n, ref_pred):
-        bad = n > keep_up_to / 10 + 1e-9
-        return {"drop": 0.5 * bad, "se": 0.0, "drop_ft": 0.5 * bad, "se_ft": 0.0, "pdrop": 0.5 * bad, "pse": 0.0,
-                "pdrop_ft": 0.5 * bad, "pse_ft": 0.0, "agree": 1 - 0.5 * bad, "held_out": 100, "pred": None}
+        d, pd = (over * p.auto_budget, over * p.auto_prob_budget) if n > keep_up_to / 10 + 1e-9 else (0.0, 0.0)
+        return {"drop": d, "se": 0.0, "drop_ft": d, "se_ft": 0.0, "pdrop": pd, "pse": 0.0,
+                "pdrop_ft": pd, "pse_ft": 0.0, "agree": 1 - d, "held_out": 100, "pred": None}
     return Ladder(p.auto_ladder, knee, p, compute)
 
 
@@ -110,8 +111,11 @@ def test_bisect_finds_the_last_kept_rung_in_few_runs(keep_up_to):
         if name == "knee":
             assert j == 3 and lad.visited == [0.3]  # the smallest value at or above the knee; one run
         if name in ("knee_budget", "knee_soft"):
-            assert j == max(3, keep_up_to)  # never below the knee
-            assert (0.0 in lad.visited) == (name == "knee_budget")  # soft: against the original, no n = 0 run
+            # the knee rung costs 10x the budget, past auto_knee_cap (2x): no floor
+            assert j == max(0, keep_up_to), name
+            assert (lad._ref is not None) == (name == "knee_budget")  # soft: against the original, no n = 0 run
+            # at 1.5x the budget the knee is within the cap: never below it
+            assert rule(_ladder(keep_up_to, knee=0.25, over=1.5)) == max(3, keep_up_to), name
 
 
 def test_choose_replays_a_rule_on_recorded_rungs_and_rejects_unknown_rules():

@@ -104,6 +104,10 @@ class TSBDParams:
     # the soft rules (soft, knee_soft): the budget on the held-out mean true-class probability's
     # drop from the original (tsbd_auto.soft_drop), in probability points
     auto_prob_budget: float = 0.05
+    # the knee rules: the knee is a floor only while the knee rung's own drop is within
+    # auto_knee_cap times the budget; past it they bisect below the knee (an NWC knee far out,
+    # as on synthetic SSBA at 0.32, otherwise costs any amount of clean accuracy)
+    auto_knee_cap: float = 2.0
     auto_ladder: tuple[float, ...] = (0.01, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 0.9)  # tsbd.py's sweep
 
     def __post_init__(self):
@@ -124,9 +128,9 @@ class TSBDParams:
             yield f"holdout must be in [0, 1), got {self.holdout}"
         elif self.n == "auto" and self.holdout == 0:
             yield "n: auto needs held-out clean data to choose n on: holdout must be > 0 (default 0.2)"
-        if self.auto_budget < 0 or self.auto_z < 0 or self.auto_prob_budget < 0:
-            yield (f"auto_budget, auto_prob_budget and auto_z must be >= 0, got {self.auto_budget}, "
-                   f"{self.auto_prob_budget}, {self.auto_z}")
+        if self.auto_budget < 0 or self.auto_z < 0 or self.auto_prob_budget < 0 or self.auto_knee_cap < 0:
+            yield (f"auto_budget, auto_prob_budget, auto_z and auto_knee_cap must be >= 0, got {self.auto_budget}, "
+                   f"{self.auto_prob_budget}, {self.auto_z}, {self.auto_knee_cap}")
         if self.n == "auto":
             rules = AUTO_RULES.get("rules", {})  # tsbd_auto's RULES, registered with this package
             if self.auto_rule not in rules:

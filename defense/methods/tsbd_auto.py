@@ -177,11 +177,11 @@ class Ladder:
         return next((i for i, n in enumerate(self.ns) if n >= self.knee), len(self.ns) - 1)
 
 
-def _bisect(lad: Ladder, keep: Callable[[dict], bool], lo: int = -1) -> int:
+def _bisect(lad: Ladder, keep: Callable[[dict], bool], lo: int = -1, hi: int | None = None) -> int:
     """The largest index kept, assuming (as any early exit does) that a break stays broken as n
-    grows: about log2(len) + 1 rungs. Indices <= ``lo`` are taken as kept without a run; -1 if
-    none is kept."""
-    hi = len(lad.ns)
+    grows: about log2(len) + 1 rungs. Indices <= ``lo`` are taken as kept and those >= ``hi`` as
+    broken, without a run; -1 if none is kept."""
+    hi = len(lad.ns) if hi is None else hi
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if keep(lad.rung(mid)):
@@ -230,7 +230,14 @@ def _rule(name: str) -> Callable[[Ladder], int]:
             return k
         if against_ref:
             lad.ref()
-        return max(k, 0, _bisect(lad, lambda s: keep(s, lad.p), lo=k))
+        kept = lambda s: keep(s, lad.p)  # noqa: E731
+        i = _bisect(lad, kept, lo=k)
+        if k >= 0 and i == k:  # nothing above the knee kept: is the knee itself within the cap?
+            c = lad.p.auto_knee_cap  # (a rung kept above it vouches for it: drops grow with n)
+            loose = replace(lad.p, auto_budget=c * lad.p.auto_budget, auto_prob_budget=c * lad.p.auto_prob_budget)
+            if not keep(lad.rung(k), loose):  # past it: no floor, the largest kept below the knee
+                i = _bisect(lad, kept, hi=k)
+        return max(i, 0)
     rule.__name__ = rule.__qualname__ = f"rule_{name}"
     return rule
 
