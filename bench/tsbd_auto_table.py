@@ -35,7 +35,6 @@ from pathlib import Path
 
 import _common  # noqa: F401  (puts the repository on sys.path)
 import torch
-import torch.nn.functional as F
 
 from defense.attacks import AttackContext, run_attack
 from defense.data import load_dataset
