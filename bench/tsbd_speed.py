@@ -253,7 +253,7 @@ def main(argv=None) -> dict:
     from defense.metrics import attack_metrics
 
     device, a.arch, n_train, n_test = resolve_scale(a)
-    p = TSBDParams()
+    p = TSBDParams(n=0.1)  # one fixed-n run on all of Dc (n: auto is timed by bench/tsbd_auto_table.py)
     over = {k: v for k, v in (("ft_epochs", a.ft_epochs), ("max_un_epochs", a.max_un_epochs)) if v is not None}
     p = replace(p, **over)
     n = a.n if a.n is not None else p.n

@@ -71,7 +71,7 @@ def spread(attacks, seeds, threads, ns):
         for seed in map(int, seeds.split(",")):
             for th in map(int, threads.split(",")):
                 torch.set_num_threads(th)
-                clean, p, ctx = dc(d, "fixture", seed), TSBDParams(un_threshold=0.2), DefenseContext(seed=seed)
+                clean, p, ctx = dc(d, "fixture", seed), TSBDParams(n=0.1, un_threshold=0.2), DefenseContext(seed=seed)
                 t0 = time.process_time()
                 prep = tsbd_prepare(d["model"], clean, p, ctx)
                 tp = time.process_time() - t0
@@ -89,7 +89,7 @@ def collapse(attack, extra, ns):
     epochs past it (collapse_epochs=0): stop-check accuracy, NWC top-k overlap, ASR/ACC after."""
     torch.set_num_threads(1)
     d = model_for(attack, "readme")
-    m, clean, ctx, p = d["model"], dc(d, "readme", 0), DefenseContext(seed=0), TSBDParams()
+    m, clean, ctx, p = d["model"], dc(d, "readme", 0), DefenseContext(seed=0), TSBDParams(n=0.1)
     say(attack=attack, before_test=d["test"](m))
     t0 = time.process_time()
     a = tsbd_prepare(m, clean, p, ctx)

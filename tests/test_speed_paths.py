@@ -304,7 +304,7 @@ def test_tsbd_autocast_is_decided_by_accel_for_and_runs_bf16_on_cpu_when_asked(s
         dtypes = []
         conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
         conv.register_forward_hook(lambda m, i, o, dtypes=dtypes: dtypes.append(o.dtype))
-        p = TSBDParams(bf16=True, max_un_epochs=1, un_threshold=0.0, batch_size=32)
+        p = TSBDParams(n=0.1, bf16=True, max_un_epochs=1, un_threshold=0.0, batch_size=32)
         clean_unlearn(model, clean, p, DefenseContext(device="cpu", seed=0, accel_on_cpu=on))
         seen[on] = set(dtypes)
     # the deep copy inside clean_unlearn keeps the hook: every forward pass (ascent steps and the

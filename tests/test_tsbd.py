@@ -265,7 +265,7 @@ def test_finetune_loop_follows_reference_data_order():
     info = DatasetInfo("toy", 3, 3, 6, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), needs_root=False)
     data = Data(torch.randint(0, 256, (20, 3, 6, 6), generator=g, dtype=torch.uint8),
                 torch.randint(0, 3, (20,), generator=g), info)
-    p = TSBDParams(batch_size=8, ft_epochs=2, augment=False)
+    p = TSBDParams(n=0.1, batch_size=8, ft_epochs=2, augment=False)
     torch.manual_seed(2)
     ours = SmallBN()
     ref = copy.deepcopy(ours)
@@ -350,7 +350,7 @@ def tiny_setup(small_data):
 
 def test_unlearning_stops_at_the_threshold(tiny_setup):
     model, clean = tiny_setup
-    p = TSBDParams(un_threshold=0.2, batch_size=64)  # reference lr_un 1e-4
+    p = TSBDParams(n=0.1, un_threshold=0.2, batch_size=64)  # reference lr_un 1e-4
     un, curve = clean_unlearn(model, clean, p, DefenseContext(seed=0))
     accs = [row["dc_acc"] for row in curve]
     assert accs[-1] <= 0.2 and all(a > 0.2 for a in accs[:-1])
@@ -368,14 +368,14 @@ def test_prepare_warns_when_unlearning_never_reaches_the_threshold(tiny_setup):
     """The reference runs on silently; we say why and what to set, and record it."""
     model, clean = tiny_setup
     logged = []
-    p = TSBDParams(lr_un=1e-6, un_threshold=0.0, max_un_epochs=2)
+    p = TSBDParams(n=0.1, lr_un=1e-6, un_threshold=0.0, max_un_epochs=2)
     with pytest.warns(UserWarning, match=r"ran all 2 epochs without reaching un_threshold 0\.000.*largest class"):
         prep = tsbd_prepare(model, clean, p, DefenseContext(seed=0, log=logged.append))
     assert prep["unlearn_reached"] is False and prep["unlearn_epochs"] == 2
     assert any("un_threshold" in m for m in logged)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a run that reaches its threshold warns nothing
-        ok = tsbd_prepare(model, clean, TSBDParams(un_threshold=1.0, max_un_epochs=2), DefenseContext(seed=0))
+        ok = tsbd_prepare(model, clean, TSBDParams(n=0.1, un_threshold=1.0, max_un_epochs=2), DefenseContext(seed=0))
     assert ok["unlearn_reached"] is True and ok["unlearn_epochs"] == 1
 
 
@@ -451,7 +451,7 @@ def test_collapse_stop_ends_a_run_that_cannot_reach_the_threshold(tiny_setup):
     m, share = _collapsed(model, clean)
     assert share > 0.1  # above the threshold: the reference would run all max_un_epochs
     logged = []
-    p = TSBDParams(lr_un=1e-6, max_un_epochs=50, collapse_epochs=4, batch_size=64)
+    p = TSBDParams(n=0.1, lr_un=1e-6, max_un_epochs=50, collapse_epochs=4, batch_size=64)
     with pytest.warns(UserWarning, match=r"stopped after 4 epochs: the stop check predicted one class.*largest class"):
         prep = tsbd_prepare(m, clean, p, DefenseContext(seed=0, log=logged.append))
     assert prep["unlearn_epochs"] == 4 and prep["unlearn_collapsed"] is True and prep["unlearn_reached"] is False

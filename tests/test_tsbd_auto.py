@@ -268,6 +268,11 @@ def test_auto_removes_the_backdoor(fixture, request):
     g = out.diagnostics
     print(f"\n{fixture}: chosen n {g['chosen_n']} ladder {g['auto_ladder']} before {before} after {after}")
     assert g["auto_held_out"] == 100 and sum(r["chosen"] for r in g["auto_ladder"]) == 1
-    assert g["chosen_n"] >= min(v for v in TSBDParams().auto_ladder if v >= g["nwc_knee_n"])  # never below the knee
+    p = TSBDParams(n="auto")
+    knee_n = min(v for v in p.auto_ladder if v >= g["nwc_knee_n"])
+    knee_row = next((r for r in g["auto_ladder"] if r["n"] == knee_n), None)
+    # below the knee only where its rung was run and cost past the cap
+    if g["chosen_n"] < knee_n:
+        assert knee_row is not None and knee_row["pdrop"] > p.auto_knee_cap * p.auto_prob_budget, g["auto_ladder"]
     assert after["asr"] <= AUTO_MAX_ASR, (g["chosen_n"], after)
     assert before["acc"] - after["acc"] <= AUTO_MAX_DROP, (g["chosen_n"], before, after)

@@ -79,7 +79,7 @@ def purify(d: dict, seed: int) -> dict:
     # unlearning stop: on a small, unbalanced Dc the unlearned model collapses onto one class and
     # its Dc accuracy settles at that class's share, above 0.10 (measured: 0.118 for 100+
     # epochs on 500 images), so the reference's 0.10 would run on to the collapse stop. 0.2 stops there.
-    p = TSBDParams(un_threshold=0.2)
+    p = TSBDParams(n=0.1, un_threshold=0.2)  # the fixed-n path on all of Dc (holdout 0); n is swept below
     ctx = DefenseContext(device="cpu", seed=seed)
     prep = tsbd_prepare(model, clean, p, ctx)
     tried = []

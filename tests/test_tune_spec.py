@@ -233,3 +233,24 @@ def test_a_small_split_that_cannot_tell_the_top_trials_apart_is_said(tmp_path):
     big = _study_with(tmp_path, [(0.86, 0.05), (0.60, 0.03)], 0.90, 5000)
     _, _, warn = pick_best(TuneBlock(**tune_block()), big)
     assert not any("cannot tell" in w for w in warn), warn
+
+
+def test_trial_0_of_a_tsbd_study_over_n_is_the_fixed_n_baseline():
+    """TSBD's default n is "auto", no point of a float range: a study that tunes n starts from
+    the registered baseline (the reference-faithful fixed n 0.1); where a default and no
+    baseline lies outside a range, there is no trial 0."""
+    from defense.methods import DEFENSES
+    from grid.tune.driver import _default_trial
+    from grid.tune.space import Dist, TuneBlock
+
+    def block(**space):
+        return TuneBlock(defense="tsbd", params={"un_threshold": 0.2}, tune_on=[{}],
+                         space={k: Dist(**v) for k, v in space.items()})
+
+    tsbd = DEFENSES.get("tsbd")
+    assert tsbd.defaults()["n"] == "auto"
+    assert _default_trial(block(n=dict(low=0.01, high=0.5, log=True), m=dict(low=0.3, high=0.95)), tsbd) == \
+        {"n": 0.1, "m": 0.7}
+    assert _default_trial(block(n=dict(type="categorical", choices=["auto", 0.2])), tsbd) == {"n": "auto"}
+    assert _default_trial(block(n=dict(low=0.2, high=0.5)), tsbd) is None  # 0.1 is outside: no baseline
+    assert _default_trial(block(alpha=dict(low=0.0, high=0.5)), tsbd) is None  # alpha 0.7 is outside

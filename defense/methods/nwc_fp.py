@@ -29,7 +29,7 @@ from defense.methods import DefenseOutput, register_defense
 from defense.methods._common import apply_masks, bake_masks, clean_acc, finetune, within_bound, working_copy
 from defense.methods.tsbd import NWC, TSBDParams, clean_unlearn, neuron_weight_change
 
-_T = TSBDParams()
+_T = TSBDParams(n=0.1)
 
 
 @dataclass
@@ -67,7 +67,7 @@ SHARED = ("layer_type", "lr_un", "momentum", "un_threshold", "max_un_epochs", "b
 
 
 def _tsbd_params(p: NWCFPParams) -> TSBDParams:
-    return replace(TSBDParams(), **{k: getattr(p, k) for k in SHARED})
+    return replace(_T, **{k: getattr(p, k) for k in SHARED})
 
 
 def nwc_prepare(model, clean, p: NWCFPParams, ctx) -> dict:

@@ -41,13 +41,11 @@ from defense.train import accel_for, autocast, index_batches, make_batch, pick_d
 @dataclass
 class TSBDParams:
     # Neuron ratio n: share of all scored neurons (ranked by NWC) that Stage 1c touches. The
-    # reference sweeps {0.01, 0.05, 0.1, ..., 0.9} and fixes none. Ours: 0.1, low in that
-    # sweep so that ACC survives (zeroing 10% of the neurons costs <= 5 ACC points after Stage 2
-    # in our synthetic checks, README section tsbd); it is not always enough (BadNets there kept
-    # ASR 0.29): pick n per setting on the validation split (sweep or bdgrid tune).
-    # "auto" (ours, issue 20): Stage 2 for the reference's sweep values, n chosen from held-out
-    # clean data only (defense/methods/tsbd_auto.py; README, TSBD, "n: auto").
-    n: float | str = 0.1
+    # reference sweeps {0.01, 0.05, 0.1, ..., 0.9} and fixes none. Default "auto" (ours): n
+    # chosen from held-out clean data by auto_rule (defense/methods/tsbd_auto.py). A number is
+    # the reference-faithful fixed-n path, all of Dc in every stage (README, TSBD, "n: auto":
+    # the fixed 0.1, the default until 2026-12, against auto, measured).
+    n: float | str = "auto"
     # Weight ratio m: share of the pooled weights of the selected neurons that is zeroed
     # (config.yaml: m 0.7).
     m: float = 0.7
@@ -559,7 +557,8 @@ def _diagnostics(prep: dict, nwc: NWC, counts: dict, ft_curve: list[dict], p: TS
 AUTO_RULES: dict = {}
 
 
-@register_defense("tsbd", params=TSBDParams, prepare=tsbd_prepare, shared=SHARED)
+# baseline: a study that tunes n starts from the reference-faithful fixed n (tune's trial 0)
+@register_defense("tsbd", params=TSBDParams, prepare=tsbd_prepare, shared=SHARED, baseline={"n": 0.1})
 def defend(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseContext) -> DefenseOutput:
     """TSBD (Lin et al., NeurIPS 2024): NWC-based zero reinitialisation, then activeness-aware
     fine-tuning. Uses ``ctx.prepared`` (Stages 1a/1b) when given, computes it otherwise."""

@@ -91,15 +91,20 @@ class Tuning:
 
 
 def _default_trial(t, entry) -> dict | None:
-    """The defense's default value of every tuned parameter, when each lies in its range."""
+    """The defense's default value of every tuned parameter, when each lies in its range. A
+    default that is no point of a range (TSBD's ``n: auto``) gives way to the defense's
+    registered ``baseline`` value for it (TSBD: the fixed n 0.1)."""
     defaults = {**entry.defaults(), **t.params}
+    baseline = entry.meta.get("baseline") or {}
     out = {}
     for name, d in t.space.items():
         v = defaults.get(name)
+        if isinstance(v, str) and d.type != "categorical" and name in baseline:
+            v = baseline[name]
         if d.type == "categorical":
             if v not in (d.choices or []):
                 return None
-        elif v is None or not (d.low <= v <= d.high):
+        elif v is None or isinstance(v, str) or not (d.low <= v <= d.high):
             return None
         out[name] = v
     return out
