@@ -196,7 +196,7 @@ def record(f, dataset, attack, seed, model, poisoned, train_set, test_set, how, 
     c0 = time.process_time()
     prep = tsbd_prepare(model, clean, p, ctx)
     nwc = NWC.from_dict(prep["nwc"], p.nwc_decimals)
-    part, held = split_holdout(clean, p.holdout, seed)
+    part, held = split_holdout(clean, p.held_share(), seed)
     view = held_out_view(model, held, prep)
     if "prep" not in have:
         say(f, kind="prep", **key, cpu=time.process_time() - c0, ue=prep["unlearn_epochs"], knee=nwc_knee(nwc),
@@ -220,7 +220,8 @@ def record(f, dataset, attack, seed, model, poisoned, train_set, test_set, how, 
             if ("rung", n) not in have:
                 say(f, kind="rung", **key, n=n, cpu=cpu, sig={k: x for k, x in sig.items() if k not in TENSORS}, val=v, test=t)
         if n == 0.1 and low and (v0["acc"] - v["acc"] > ORACLE_BUDGET or not within_budget(sig, 0.02, 1.0)
-                                 or not within_budget(sig, 0.02, 1.0, "_ft")):
+                                 or not within_budget(sig, 0.02, 1.0, "_ft")
+                                 or not within_budget(sig, TSBDParams().auto_prob_budget, 0.0, soft=True)):
             order[order.index(0.1) + 1:order.index(0.1) + 1] = list(low)
         if (not full and v0["acc"] - v["acc"] > ORACLE_BUDGET and n >= 0.1 and not within_budget(sig, 0.02, 1.0)
                 and not within_budget(sig, 0.02, 1.0, "_ft") and not within_budget(sig, SOFT_STOP, 0.0, soft=True)):
@@ -242,7 +243,8 @@ def oracle(rungs: list[dict], v0_acc: float) -> dict | None:
     return min(ok, key=lambda r: (r["val"]["asr"], r["n"])) if ok else None
 
 
-def summarise(rows: list[dict], rule: str, budget: float | None = None, z: float | None = None) -> list[dict]:
+def summarise(rows: list[dict], rule: str, budget: float | None = None, z: float | None = None,
+              cap: float | None = None) -> list[dict]:
     """One row per (dataset, attack, seed): before, fixed 0.1, auto (``rule``), oracle, FT."""
     groups: dict = {}
     for r in rows:
@@ -266,7 +268,7 @@ def summarise(rows: list[dict], rule: str, budget: float | None = None, z: float
         p = TSBDParams(n="auto")
         if budget is not None:
             p = replace(p, **{"auto_prob_budget" if rule in SOFT_RULES else "auto_budget": budget})
-        p = replace(p, auto_z=p.auto_z if z is None else z)
+        p = replace(p, auto_z=p.auto_z if z is None else z, auto_knee_cap=cap)
         n_auto, visited = choose(rule, [dict(r["sig"], n=r["n"]) for r in ladder], by["prep"]["knee"], p)
         auto = next((r for r in ladder if r["n"] == n_auto), None)
         if auto is None:  # the ladder skipped that rung (below 0.1 while 0.1 was within every budget)
@@ -328,6 +330,9 @@ def compare(rows: list[dict]) -> str:
             if s:
                 lines.append(line(rule, "-" if budget is None else f"{budget}, {z:g}", s, "auto",
                                   sum(r["visited"] for r in s) / len(s)))
+    # the default rule with the opt-in knee cap (auto_knee_cap 2)
+    s = [r for r in summarise(rows, "knee_soft", 0.05, 0.0, cap=2.0) if "auto" in r]
+    lines.append(line("knee_soft, auto_knee_cap 2", "0.05, 0", s, "auto", sum(r["visited"] for r in s) / len(s)))
     return "\n".join(lines)
 
 

@@ -45,7 +45,7 @@ class Entry:
     def defaults(self) -> dict[str, Any]:
         if self.params is None:
             return {}
-        return dataclasses.asdict(self.params())
+        return params_dict(self.params())
 
     def make_params(self, overrides: dict[str, Any] | None = None):
         """Build the params dataclass from overrides, coercing simple types; report every problem."""
@@ -119,6 +119,16 @@ def _coerce(value: Any, tp: Any) -> Any:
             raise TypeError(f"expected a string, got {value!r}")
         return value
     return value
+
+
+def params_dict(p) -> dict[str, Any]:
+    """A params dataclass as the plain dict that keys and rows record: ``p.canonical()`` where
+    the class defines it (a value derived from others, e.g. TSBD's holdout, resolved), else
+    ``dataclasses.asdict``; {} for None."""
+    if p is None:
+        return {}
+    canonical = getattr(p, "canonical", None)
+    return canonical() if canonical is not None else dataclasses.asdict(p)
 
 
 @functools.lru_cache(maxsize=None)

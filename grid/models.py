@@ -137,10 +137,9 @@ def _data_source(ls: LoadedSpec, m: ModelEntry, dataset: str) -> tuple[str | Non
 
 
 def _resolved_params(reg, name: str, params: dict) -> dict:
-    import dataclasses
+    from defense.registry import params_dict
 
-    p = reg.get(name).make_params(params)
-    return {} if p is None else dataclasses.asdict(p)
+    return params_dict(reg.get(name).make_params(params))
 
 
 def resolve(ls: LoadedSpec) -> tuple[list[ModelCell], list[Problem]]:

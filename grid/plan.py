@@ -156,8 +156,9 @@ def _resolved_canon(entry, params: dict) -> tuple[dict, str]:
     ck = (id(entry), _CANON(params) if params else "{}")
     hit = _RESOLVED.get(ck)
     if hit is None or hit[0] is not entry:
-        p = entry.make_params(params)
-        d = {} if p is None else dataclasses.asdict(p)
+        from defense.registry import params_dict
+
+        d = params_dict(entry.make_params(params))
         hit = _RESOLVED[ck] = (entry, d, _CANON(d))
     return dict(hit[1]), hit[2]
 

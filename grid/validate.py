@@ -326,13 +326,13 @@ def _check_store_and_gpus(ls: LoadedSpec, add, gpus_available) -> None:
 
 def _resolved(reg, name: str, params: dict) -> dict:
     """Params with the entry's defaults filled in (as given when the entry or params are invalid)."""
-    import dataclasses
+    from defense.registry import params_dict
 
     try:
         p = reg.get(name).make_params(params)
     except Exception:  # unknown name or bad params: reported on their own
         return params
-    return {} if p is None else dataclasses.asdict(p)
+    return params_dict(p)
 
 
 def _unknown(reg, name) -> str:

@@ -126,7 +126,7 @@ def ladder(attacks, setting, seeds):
             t0 = time.process_time()
             prep = tsbd_prepare(m, clean, p, ctx)
             nwc = NWC.from_dict(prep["nwc"], p.nwc_decimals)
-            part, held = split_holdout(clean, p.holdout, seed)
+            part, held = split_holdout(clean, p.held_share(), seed)
             pred0 = predict(m, held)
             say(attack=atk, seed=seed, cpu_prep=time.process_time() - t0, ue=prep["unlearn_epochs"], knee=nwc_knee(nwc))
             broke = 0
@@ -155,7 +155,7 @@ def reference(attacks, setting, seeds, ns):
             clean, p, ctx = dc(d, setting, seed), TSBDParams(n="auto", un_threshold=0.2), DefenseContext(seed=seed)
             prep = tsbd_prepare(m, clean, p, ctx)
             nwc = NWC.from_dict(prep["nwc"], p.nwc_decimals)
-            part, held = split_holdout(clean, p.holdout, seed)
+            part, held = split_holdout(clean, p.held_share(), seed)
             pred0 = predict(m, held)
             ft0 = purify_with(m, part, nwc, replace(p, n=0.0), ctx)[0]
             predf = predict(ft0, held)

@@ -392,7 +392,7 @@ def test_prepare_round_trips_registry_and_sweep(tiny_setup):
         entry.make_params({"un_threshold": "chance"})
     assert entry.make_params({"un_threshold": "chance+margin", "n": "0.05"}).n == 0.05
 
-    params = {"lr_un": 3e-4, "un_threshold": 0.2, "ft_epochs": 0, "batch_size": 64}
+    params = {"n": 0.1, "lr_un": 3e-4, "un_threshold": 0.2, "ft_epochs": 0, "batch_size": 64}  # the fixed-n path
     p = entry.make_params(params)
     prep = tsbd_prepare(model, clean, p, DefenseContext(seed=0))
     buf = io.BytesIO()

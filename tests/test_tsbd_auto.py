@@ -19,7 +19,7 @@ from defense.data.splits import defender_subset, val_test_indices
 from defense.methods import DEFENSES, DefenseContext, run_defense
 from defense.methods.tsbd import TSBDParams, split_holdout
 from defense.methods.tsbd_auto import RULES, Ladder, _bisect, choose, paired_drop, within_budget
-from defense.registry import BadParams
+from defense.registry import BadParams, params_dict
 from defense.trial import evaluate
 
 
@@ -32,12 +32,16 @@ def test_n_takes_a_number_or_auto_with_clear_messages():
     assert entry.make_params({"n": "0.3"}).n == 0.3
     assert entry.make_params({"n": 1}).n == 1.0
     auto = entry.make_params({"n": "auto"})
-    assert auto.n == "auto" and auto.holdout == 0.2
+    assert auto.n == "auto" and auto.held_share() == 0.2
     # the held-out share is a shared (prepare) parameter, resolved: an auto run never reuses the
     # unlearning of a fixed-n run on all of Dc, and a fixed-n run keeps all of Dc (the reference)
     assert "holdout" in entry.meta["shared"]
-    assert dataclasses.asdict(auto)["holdout"] == 0.2
-    assert dataclasses.asdict(entry.make_params({"n": 0.1}))["holdout"] == 0.0
+    assert params_dict(auto)["holdout"] == 0.2 and entry.defaults()["holdout"] == 0.2  # n: auto is the default
+    assert params_dict(entry.make_params({"n": 0.1}))["holdout"] == 0.0
+    # derived, not stored: a fixed n made from an auto p (a sweep, a bench) keeps all of Dc,
+    # and a holdout the user set stays set
+    assert dataclasses.replace(auto, n=0.3).held_share() == 0.0
+    assert dataclasses.replace(entry.make_params({"holdout": 0.3}), n=0.3).held_share() == 0.3
     for bad, msg in [("aut", r"n must be a number in \[0, 1\] or 'auto', got 'aut'"),
                      (1.5, r"n must be in \[0, 1\], got 1.5 \(or 'auto'")]:
         with pytest.raises(BadParams, match=msg):
@@ -85,10 +89,10 @@ def test_paired_drop_and_budget():
     assert paired_drop(pred0, pred0, y)["se"] == 0.0
 
 
-def _ladder(keep_up_to: int, knee: float = 0.0, over: float = 10.0) -> Ladder:
+def _ladder(keep_up_to: int, knee: float = 0.0, over: float = 10.0, cap: float | None = None) -> Ladder:
     """An 11-rung ladder whose held-out drops are 0 up to index ``keep_up_to`` and ``over`` times
     their budget above it."""
-    p = TSBDParams(n="auto", auto_ladder=tuple(i / 10 for i in range(11)))
+    p = TSBDParams(n="auto", auto_ladder=tuple(i / 10 for i in range(11)), auto_knee_cap=cap)
     def compute(n, ref_pred):
         d, pd = (over * p.auto_budget, over * p.auto_prob_budget) if n > keep_up_to / 10 + 1e-9 else (0.0, 0.0)
         return {"drop": d, "se": 0.0, "drop_ft": d, "se_ft": 0.0, "pdrop": pd, "pse": 0.0,
@@ -111,11 +115,11 @@ def test_bisect_finds_the_last_kept_rung_in_few_runs(keep_up_to):
         if name == "knee":
             assert j == 3 and lad.visited == [0.3]  # the smallest value at or above the knee; one run
         if name in ("knee_budget", "knee_soft"):
-            # the knee rung costs 10x the budget, past auto_knee_cap (2x): no floor
-            assert j == max(0, keep_up_to), name
+            assert j == max(3, keep_up_to)  # never below the knee
             assert (lad._ref is not None) == (name == "knee_budget")  # soft: against the original, no n = 0 run
-            # at 1.5x the budget the knee is within the cap: never below it
-            assert rule(_ladder(keep_up_to, knee=0.25, over=1.5)) == max(3, keep_up_to), name
+            # auto_knee_cap 2: a knee rung at 10x the budget is no floor; one at 1.5x is
+            assert rule(_ladder(keep_up_to, knee=0.25, cap=2.0)) == max(0, keep_up_to), name
+            assert rule(_ladder(keep_up_to, knee=0.25, over=1.5, cap=2.0)) == max(3, keep_up_to), name
 
 
 def test_choose_replays_a_rule_on_recorded_rungs_and_rejects_unknown_rules():
@@ -268,11 +272,6 @@ def test_auto_removes_the_backdoor(fixture, request):
     g = out.diagnostics
     print(f"\n{fixture}: chosen n {g['chosen_n']} ladder {g['auto_ladder']} before {before} after {after}")
     assert g["auto_held_out"] == 100 and sum(r["chosen"] for r in g["auto_ladder"]) == 1
-    p = TSBDParams(n="auto")
-    knee_n = min(v for v in p.auto_ladder if v >= g["nwc_knee_n"])
-    knee_row = next((r for r in g["auto_ladder"] if r["n"] == knee_n), None)
-    # below the knee only where its rung was run and cost past the cap
-    if g["chosen_n"] < knee_n:
-        assert knee_row is not None and knee_row["pdrop"] > p.auto_knee_cap * p.auto_prob_budget, g["auto_ladder"]
+    assert g["chosen_n"] >= min(v for v in TSBDParams().auto_ladder if v >= g["nwc_knee_n"])  # never below the knee
     assert after["asr"] <= AUTO_MAX_ASR, (g["chosen_n"], after)
     assert before["acc"] - after["acc"] <= AUTO_MAX_DROP, (g["chosen_n"], before, after)

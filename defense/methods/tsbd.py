@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -102,15 +102,24 @@ class TSBDParams:
     # the soft rules (soft, knee_soft): the budget on the held-out mean true-class probability's
     # drop from the original (tsbd_auto.soft_drop), in probability points
     auto_prob_budget: float = 0.05
-    # the knee rules: the knee is a floor only while the knee rung's own drop is within
-    # auto_knee_cap times the budget; past it they bisect below the knee (an NWC knee far out,
-    # as on synthetic SSBA at 0.32, otherwise costs any amount of clean accuracy)
-    auto_knee_cap: float = 2.0
+    # the knee rules, opt-in: the knee is a floor only while the knee rung's own drop is within
+    # auto_knee_cap times the budget; past it they bisect below the knee. Off (None) by default:
+    # 2 mended synthetic SSBA (a knee at 0.32 cost 9.6 ACC points) in the recordings the rules
+    # were chosen on, and broke Blended on a defender seed recorded after (README, "n: auto").
+    auto_knee_cap: float | None = None
     auto_ladder: tuple[float, ...] = (0.01, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 0.9)  # tsbd.py's sweep
 
-    def __post_init__(self):
-        if self.holdout is None:
-            self.holdout = 0.2 if self.n == "auto" else 0.0
+    def held_share(self) -> float:
+        """``holdout`` resolved: None means 0.2 with n "auto", else 0. Derived on every call, not
+        stored, so ``replace(p, n=0.3)`` of an auto p is the fixed-n path on all of Dc."""
+        if self.holdout is not None:
+            return self.holdout
+        return 0.2 if self.n == "auto" else 0.0
+
+    def canonical(self) -> dict:
+        """The params as grid keys and result rows record them (registry.params_dict): holdout
+        resolved, so an auto run never shares a fixed-n run's Stages 1a/1b on the whole Dc."""
+        return {**asdict(self), "holdout": self.held_share()}
 
     def check(self):
         if isinstance(self.n, str):
@@ -122,11 +131,11 @@ class TSBDParams:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 yield f"{name} must be in [0, 1], got {v}"
-        if not 0.0 <= self.holdout < 1.0:
+        if not 0.0 <= self.held_share() < 1.0:
             yield f"holdout must be in [0, 1), got {self.holdout}"
-        elif self.n == "auto" and self.holdout == 0:
+        elif self.n == "auto" and self.held_share() == 0:
             yield "n: auto needs held-out clean data to choose n on: holdout must be > 0 (default 0.2)"
-        if self.auto_budget < 0 or self.auto_z < 0 or self.auto_prob_budget < 0 or self.auto_knee_cap < 0:
+        if min(self.auto_budget, self.auto_z, self.auto_prob_budget, self.auto_knee_cap or 0) < 0:
             yield (f"auto_budget, auto_prob_budget, auto_z and auto_knee_cap must be >= 0, got {self.auto_budget}, "
                    f"{self.auto_prob_budget}, {self.auto_z}, {self.auto_knee_cap}")
         if self.n == "auto":
@@ -506,7 +515,7 @@ def tsbd_prepare(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseConte
     """Stages 1a/1b. The result holds only tensors, numbers, strings, lists and dicts, so it
     round-trips through ``torch.save`` / ``torch.load(weights_only=True)``. With ``holdout``
     > 0 only the part of Dc that is not held out is used."""
-    clean, _ = split_holdout(clean, p.holdout, ctx.seed)
+    clean, _ = split_holdout(clean, p.held_share(), ctx.seed)
     unlearned, curve = clean_unlearn(model, clean, p, ctx)
     thr = p.threshold(clean.info.num_classes)
     reached = bool(curve) and curve[-1]["dc_acc"] <= thr
@@ -570,7 +579,7 @@ def defend(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseContext) ->
         # the rule registers itself here (defense/methods/tsbd_auto.py, imported with this package),
         # so this module does not import the one that builds on it
         return AUTO_RULES["n"](model, clean, p, ctx, prep, nwc)
-    purified, counts, ft_curve = purify_with(model, split_holdout(clean, p.holdout, ctx.seed)[0], nwc, p, ctx)
+    purified, counts, ft_curve = purify_with(model, split_holdout(clean, p.held_share(), ctx.seed)[0], nwc, p, ctx)
     diag = _diagnostics(prep, nwc, counts, ft_curve, p)
     diag["chosen_n"] = float(p.n)
     return DefenseOutput(purified, diag, prep["curve"] + ft_curve)
@@ -583,9 +592,8 @@ def purify_with(model: nn.Module, clean: Data, nwc: NWC, p: TSBDParams, ctx: Def
 
 
 def tsbd_sweep(model: nn.Module, clean: Data, p: TSBDParams, ns, ctx: DefenseContext) -> dict[float, DefenseOutput]:
-    """Run TSBD for every neuron ratio in ``ns``, computing Stages 1a/1b once."""
-    prep = ctx.prepared if ctx.prepared is not None else tsbd_prepare(model, clean, p, ctx)
-    out = {}
-    for n in ns:
-        out[n] = defend(model, clean, replace(p, n=float(n)), replace(ctx, prepared=prep))
-    return out
+    """Fixed-n TSBD for every neuron ratio in ``ns`` (``p.n`` is not used), computing Stages
+    1a/1b once, on what every fixed-n run uses (all of Dc unless ``p.holdout`` says otherwise)."""
+    runs = {n: replace(p, n=float(n)) for n in ns}
+    prep = ctx.prepared if ctx.prepared is not None else tsbd_prepare(model, clean, next(iter(runs.values())), ctx)
+    return {n: defend(model, clean, q, replace(ctx, prepared=prep)) for n, q in runs.items()}

@@ -232,8 +232,9 @@ def _rule(name: str) -> Callable[[Ladder], int]:
             lad.ref()
         kept = lambda s: keep(s, lad.p)  # noqa: E731
         i = _bisect(lad, kept, lo=k)
-        if k >= 0 and i == k:  # nothing above the knee kept: is the knee itself within the cap?
-            c = lad.p.auto_knee_cap  # (a rung kept above it vouches for it: drops grow with n)
+        c = lad.p.auto_knee_cap
+        if c is not None and k >= 0 and i == k:  # nothing above the knee kept: is the knee within the cap?
+            # (a rung kept above it vouches for it: drops grow with n)
             loose = replace(lad.p, auto_budget=c * lad.p.auto_budget, auto_prob_budget=c * lad.p.auto_prob_budget)
             if not keep(lad.rung(k), loose):  # past it: no floor, the largest kept below the knee
                 i = _bisect(lad, kept, hi=k)
@@ -266,9 +267,9 @@ def choose(rule: str, rungs: list[dict], knee: float, p: TSBDParams, ref: dict |
 def defend_auto(model: nn.Module, clean: Data, p: TSBDParams, ctx: DefenseContext, prep: dict,
                 nwc: NWC) -> DefenseOutput:
     """TSBD with n chosen on held-out clean data by ``p.auto_rule``; the purified model of the chosen n."""
-    stages_part, held = split_holdout(clean, p.holdout, ctx.seed)
+    stages_part, held = split_holdout(clean, p.held_share(), ctx.seed)
     if held is None:
-        raise ValueError(f"n: auto needs held-out clean data: holdout {p.holdout} of {len(clean)} images is none")
+        raise ValueError(f"n: auto needs held-out clean data: holdout {p.held_share()} of {len(clean)} images is none")
     view = held_out_view(model, held, prep)
     models = {}
 
