@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import struct
 import tempfile
 import time
@@ -333,6 +334,10 @@ def compare(rows: list[dict]) -> str:
     # the default rule with the opt-in knee cap (auto_knee_cap 2)
     s = [r for r in summarise(rows, "knee_soft", 0.05, 0.0, cap=2.0) if "auto" in r]
     lines.append(line("knee_soft, auto_knee_cap 2", "0.05, 0", s, "auto", sum(r["visited"] for r in s) / len(s)))
+    # the default's CPU time against one fixed-n run, measured in the same process
+    ratio = sorted(r["cpu_auto"] / r["cpu_fixed"] for r in summarise(rows, TSBDParams().auto_rule) if "auto" in r)
+    lines += ["", f"CPU s, {TSBDParams().auto_rule} / fixed n = 0.1: median {statistics.median(ratio):.2f}x "
+              f"(min {ratio[0]:.2f}x, max {ratio[-1]:.2f}x) over {len(ratio)} runs"]
     return "\n".join(lines)
 
 
