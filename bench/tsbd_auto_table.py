@@ -59,8 +59,11 @@ ATTACK_PARAMS = {
     "lf": {"steps": 100, "ref_epochs": 4, "eps": 0.15},
     "trojannn": {"iters": 100, "ref_epochs": 4},
     "ssba": {"epochs": 3, "width": 16, "batch_size": 32, "psnr": 20.0, "lr": 3e-3},
+    # the optional attacks (tests/test_attacks_optional.py): LC at its defaults (its clean
+    # reference model shortened as LF's), BppAttack with 2 squeeze levels (8 do not implant)
+    "lc": {"ref_epochs": 4}, "bpp": {"squeeze_num": 2},
 }
-STRENGTHENED = {"wanet", "inputaware", "lf", "ssba"}
+STRENGTHENED = {"wanet", "inputaware", "lf", "ssba", "bpp"}
 SOFT_STOP = 0.10  # the ladder runs on while the true-class probability's drop is within this (the soft rules' budgets are below it)
 SOFT_BUDGETS = [(0.04, 0.0), (0.05, 0.0), (0.06, 0.0), (0.07, 0.0), (0.08, 0.0), (0.05, 1.0)]
 RECIPE = get_recipe("fast", batch_size=64, lr=0.1)  # tests/attack_setup.py: batch 64 keeps steps on 4,000 images
