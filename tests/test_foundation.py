@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -118,3 +120,19 @@ def test_a_gpu_device_without_a_gpu_is_a_clear_problem():
         assert device_problem(f"cuda:{torch.cuda.device_count()}") is not None  # one past the last GPU
     else:
         assert "no usable GPU" in device_problem("cuda")
+
+
+def test_trial_cli_says_which_n_tsbd_auto_chose():
+    """TSBD's default n: auto chooses n on held-out clean data; a trial says which and how."""
+    from defense.methods.tsbd import TSBDParams
+
+    cmd = [sys.executable, "-m", "grid.cli", "trial", "--attack", "badnets", "--defense", "tsbd",
+           "--data-param", "n_train=1200", "--data-param", "n_test=300", "--epochs", "2",
+           "-p", "ft_epochs=1", "-p", "max_un_epochs=3", "--device", "cpu"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    m = re.search(r"n: auto chose n=([0-9.]+) \(knee_soft, on (\d+) held-out clean images; tried ([0-9., ]+)\)",
+                  out.stdout)
+    assert m, out.stdout
+    assert float(m[1]) in TSBDParams().auto_ladder and m[1] in m[3].split(", ")
+    assert int(m[2]) == 12  # 20% of the 60-image defender set (5% of 1,200)

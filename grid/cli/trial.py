@@ -152,3 +152,8 @@ def print_result(title: str, res: dict, defense: str) -> None:
     if defense != "none":
         t.add_row(defense, *(f"{100 * res[k]:.2f}" for k in ("acc", "asr", "ra")))
     console.print(t)
+    g = res.get("diagnostics") or {}
+    if "auto_rule" in g:  # a defense that chose a parameter on clean data says what it chose
+        tried = ", ".join(f"{r['n']:g}" for r in g.get("auto_ladder", []) if r["n"] > 0)
+        console.print(f"n: auto chose n={g['chosen_n']:g} ({g['auto_rule']}, on {g['auto_held_out']} held-out "
+                      f"clean images; tried {tried}); a number, e.g. -p n=0.1, is the fixed-n path", highlight=False)
