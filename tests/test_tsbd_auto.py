@@ -275,3 +275,45 @@ def test_auto_removes_the_backdoor(fixture, request):
     assert g["chosen_n"] >= min(v for v in TSBDParams().auto_ladder if v >= g["nwc_knee_n"])  # never below the knee
     assert after["asr"] <= AUTO_MAX_ASR, (g["chosen_n"], after)
     assert before["acc"] - after["acc"] <= AUTO_MAX_DROP, (g["chosen_n"], before, after)
+
+
+# ---------------------------------------------------------------------------------------
+# The decision's basis: every recording of bench/tsbd_auto_table.py
+# ---------------------------------------------------------------------------------------
+
+RECORDS = FIXTURE_LADDERS.parent
+IN_SAMPLE = ["tsbd_auto_soft.jsonl", "tsbd_auto_fixtures.jsonl"]
+OUT_OF_SAMPLE = ["tsbd_auto_seeds12.jsonl", "tsbd_auto_cifarfmt.jsonl", "tsbd_auto_optional.jsonl"]
+
+
+def _bound_counts(names: list[str]) -> dict[str, int]:
+    """Runs within the issue's bound for the default rule, the fixed n = 0.1 and the validation
+    oracle, replayed by the bench's own summarise() on the recorded rungs."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(RECORDS.parent))  # bench/: the script and its _common
+    try:
+        bench = importlib.import_module("tsbd_auto_table")
+    finally:
+        sys.path.remove(str(RECORDS.parent))
+    rows = []
+    for i, name in enumerate(names):
+        for line in (RECORDS / name).read_text().splitlines():
+            r = json.loads(line)
+            r["dataset"] += f" ({i})"
+            rows.append(r)
+    s = [r for r in bench.summarise(rows, TSBDParams().auto_rule) if "auto" in r]
+    within = lambda r, side: r[side]["asr"] <= AUTO_MAX_ASR and r["before"]["acc"] - r[side]["acc"] <= AUTO_MAX_DROP  # noqa: E731
+    return {side: sum(within(r, side) for r in s) for side in ("auto", "fixed", "oracle")} | {"runs": len(s)}
+
+
+@pytest.mark.parametrize("names", [IN_SAMPLE, OUT_OF_SAMPLE], ids=["in-sample", "out-of-sample"])
+def test_default_n_auto_beats_the_fixed_n_on_the_recordings(names):
+    """n: auto is TSBD's default because, on the recorded runs, it meets the issue's bound more
+    often than the fixed n = 0.1 and about as often as n tuned on the validation split (README,
+    TSBD, "n: auto"). MEASURED: in sample 11 / 4 / 11 of 22, out of sample 4 / 1 / 4 of 16."""
+    c = _bound_counts(names)
+    print(c)
+    assert c["auto"] >= 2 * c["fixed"] and c["auto"] > c["fixed"], c
+    assert c["auto"] >= c["oracle"] - 1, c
