@@ -316,7 +316,8 @@ def compare(rows: list[dict]) -> str:
     lines = ["| rule | budget, z | within bound | near oracle | mean ASR | mean ACC drop | worst ASR | worst drop | Stage-2 runs |",
              "|---|---|---|---|---|---|---|---|---|"]
 
-    def line(name: str, budget: str, s: list[dict], side: str, runs: float) -> str:
+    def line(name: str, budget: str, s: list[dict], side: str = "auto", runs: float | None = None) -> str:
+        runs = sum(r["visited"] for r in s) / len(s) if runs is None else runs
         drop = [r["before"]["acc"] - r[side]["acc"] for r in s]
         asr = [r[side]["asr"] for r in s]
         bound = sum(a <= 0.10 and d <= 0.05 for a, d in zip(asr, drop))
@@ -333,12 +334,11 @@ def compare(rows: list[dict]) -> str:
                           [(0.02, 1.0), (0.02, 0.0), (0.05, 1.0), (0.05, 0.0)]):
             s = [r for r in summarise(rows, rule, budget, z) if "auto" in r]
             if s:
-                lines.append(line(rule, "-" if budget is None else f"{budget}, {z:g}", s, "auto",
-                                  sum(r["visited"] for r in s) / len(s)))
+                lines.append(line(rule, "-" if budget is None else f"{budget}, {z:g}", s))
     # the default rule with the opt-in knee cap
     for cap in KNEE_CAPS:
         s = [r for r in summarise(rows, "knee_soft", 0.05, 0.0, cap=cap) if "auto" in r]
-        lines.append(line(f"knee_soft, auto_knee_cap {cap:g}", "0.05, 0", s, "auto", sum(r["visited"] for r in s) / len(s)))
+        lines.append(line(f"knee_soft, auto_knee_cap {cap:g}", "0.05, 0", s))
     # the default's CPU time against one fixed-n run, measured in the same process
     ratio = sorted(r["cpu_auto"] / r["cpu_fixed"] for r in summarise(rows, TSBDParams().auto_rule) if "auto" in r)
     lines += ["", f"CPU s, {TSBDParams().auto_rule} / fixed n = 0.1: median {statistics.median(ratio):.2f}x "

@@ -594,6 +594,6 @@ def purify_with(model: nn.Module, clean: Data, nwc: NWC, p: TSBDParams, ctx: Def
 def tsbd_sweep(model: nn.Module, clean: Data, p: TSBDParams, ns, ctx: DefenseContext) -> dict[float, DefenseOutput]:
     """Fixed-n TSBD for every neuron ratio in ``ns`` (``p.n`` is not used), computing Stages
     1a/1b once, on what every fixed-n run uses (all of Dc unless ``p.holdout`` says otherwise)."""
-    runs = {n: replace(p, n=float(n)) for n in ns}
-    prep = ctx.prepared if ctx.prepared is not None else tsbd_prepare(model, clean, next(iter(runs.values())), ctx)
-    return {n: defend(model, clean, q, replace(ctx, prepared=prep)) for n, q in runs.items()}
+    fixed = replace(p, n=0.0)  # Stages 1a/1b do not read n, only the fixed path's holdout
+    prep = ctx.prepared if ctx.prepared is not None else tsbd_prepare(model, clean, fixed, ctx)
+    return {n: defend(model, clean, replace(fixed, n=float(n)), replace(ctx, prepared=prep)) for n in ns}
